@@ -1,0 +1,60 @@
+"""Trains a preset with seeds 0..runs-1 and reports the test metric at the best validation epoch.
+
+    python benchmarks/reproduce.py --config configs/cora_s.yaml --runs 5 --out results/cora_s.json
+
+Writes ``{"metric", "mean", "std", "runs", ...}`` (percent) and prints the same. Any further
+arguments go to ``train.py fit`` unchanged (for example ``--trainer.max_epochs 50``).
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from difformer_lightning.io import write_json_atomic  # noqa: E402
+from train import main as train_main  # noqa: E402
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+         "--trainer.enable_model_summary=false"]
+
+
+def train_once(config: str, seed: int, extra: list) -> tuple:
+    cli = train_main(["fit", "--config", config, "--seed_everything", str(seed), *QUIET, *extra],
+                     save_config_callback=None)
+    model = cli.model
+    return model.metric_name, 100.0 * float(model.test_at_best_val), 100.0 * float(model.best_val)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a preset under configs/")
+    parser.add_argument("--runs", type=int, default=5, help="seeds 0..runs-1")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args, extra = parser.parse_known_args()
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments from train_once, not from this command line
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config} does not exist")
+
+    runs, vals, seconds = [], [], []
+    for seed in range(args.runs):
+        start = time.perf_counter()
+        metric, test, val = train_once(args.config, seed, extra)
+        seconds.append(time.perf_counter() - start)
+        runs.append(round(test, 2))
+        vals.append(round(val, 2))
+        print(f"seed {seed}: val {val:.2f}  test@best_val {test:.2f}  ({seconds[-1]:.0f} s)", flush=True)
+    std = statistics.stdev(runs) if len(runs) > 1 else 0.0
+    result = {"config": args.config, "metric": f"test {metric} at best validation (%)",
+              "mean": round(statistics.mean(runs), 2), "std": round(std, 2), "runs": runs, "val_runs": vals,
+              "seconds_per_run": round(statistics.mean(seconds), 1), "extra_args": extra}
+    write_json_atomic(args.out, result)
+    print(f"{args.config}: {result['metric']} = {result['mean']:.2f} +- {result['std']:.2f} over {args.runs} runs "
+          f"({result['seconds_per_run']:.0f} s/run) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""One DIFFormer diffusion layer."""
+from typing import Literal, Optional, get_args
+
+import torch
+from torch import Tensor, nn
+
+from .attention import QKNorm, edge_attention, linear_attention, sigmoid_attention, sigmoid_rows_per_block
+from .graph import NormalizedGraph, accumulation_dtype
+
+Kernel = Literal["simple", "sigmoid", "gcn", "gat", "none"]
+KERNELS = get_args(Kernel)
+# Kernels whose diffusion covers all pairs of nodes; the graph term is added to them.
+GLOBAL_KERNELS = ("simple", "sigmoid")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(map(repr, choices))}")
+
+
+class DIFFormerConv(nn.Module):
+    r"""The diffusivity-weighted propagation of one DIFFormer layer (Wu et al., ICLR 2023).
+
+    For every head :math:`h` with :math:`Q = hW_q`, :math:`K = hW_k` and
+    :math:`V = hW_v` (or :math:`V = h` when ``use_weight=False``):
+
+    .. math::
+        \mathbf{c} = \frac{1}{H} \sum_h \Big[(1 - w)\, S^{(h)} V^{(h)} + w\, \hat{A} V^{(h)}\Big]
+
+    where :math:`S` is chosen by ``kernel``:
+
+    * ``'simple'`` (DIFFormer-s): :math:`S_{nl} \propto 1 + \tilde{q}_n^\top \tilde{k}_l`
+      over all pairs, computed in linear cost (see :func:`linear_attention`);
+    * ``'sigmoid'`` (DIFFormer-a): :math:`S_{nl} \propto \sigma(q_n^\top k_l)` over all
+      pairs, computed in row blocks (see :func:`sigmoid_attention`);
+    * ``'gcn'``: :math:`S = \hat{A}`, diffusion along observed edges only;
+    * ``'gat'``: :math:`S` is GAT attention over observed edges;
+    * ``'none'``: :math:`S = I`, no diffusion (an MLP).
+
+    The graph term :math:`\hat{A} V` (:math:`\hat{A} = D^{-1/2}(A+I)D^{-1/2}`) is added to the
+    all-pairs kernels when ``use_graph``: with ``graph_weight <= 0`` as a plain sum
+    (:math:`S V + \hat{A} V`), otherwise mixed with weight :math:`w`. The local kernels
+    (``'gcn'``, ``'gat'``, ``'none'``) are defined by the graph or its absence, so
+    ``use_graph`` and ``graph_weight`` do not apply to them.
+
+    Args:
+        in_channels: size of each input row.
+        out_channels: size of each head's output (equal to ``in_channels`` when
+            ``use_weight=False``).
+        num_heads: number of heads, averaged at the end.
+        kernel: the diffusivity, see above.
+        use_graph: add the graph term to an all-pairs kernel.
+        graph_weight: mixing weight of the graph term; ``<= 0`` sums the terms.
+        use_weight: project V with a linear map; otherwise V is the input itself.
+        qk_norm: ``'frobenius'`` (reference code) or ``'row'`` (paper), DIFFormer-s only.
+        sigmoid_block_bytes: memory budget of one row block of DIFFormer-a.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_heads: int = 1, kernel: Kernel = "simple",
+                 use_graph: bool = True, graph_weight: float = -1.0, use_weight: bool = True,
+                 qk_norm: QKNorm = "frobenius", sigmoid_block_bytes: int = 2**30) -> None:
+        super().__init__()
+        check_choice("kernel", kernel, KERNELS)
+        check_choice("qk_norm", qk_norm, get_args(QKNorm))
+        if not use_weight and in_channels != out_channels:
+            raise ValueError(f"use_weight=False takes V = input, so in_channels ({in_channels}) must equal "
+                             f"out_channels ({out_channels})")
+        self.in_channels, self.out_channels, self.num_heads = in_channels, out_channels, num_heads
+        self.kernel, self.use_weight, self.qk_norm = kernel, use_weight, qk_norm
+        self.use_graph = use_graph and kernel in GLOBAL_KERNELS
+        self.graph_weight = graph_weight
+        self.sigmoid_block_bytes = sigmoid_block_bytes
+        width = out_channels * num_heads
+        self.query = nn.Linear(in_channels, width) if kernel in GLOBAL_KERNELS else None
+        self.key = nn.Linear(in_channels, width) if kernel in GLOBAL_KERNELS else None
+        self.value = nn.Linear(in_channels, width) if use_weight else None
+        self.att_source = nn.Parameter(torch.empty(num_heads, out_channels)) if kernel == "gat" else None
+        self.att_target = nn.Parameter(torch.empty(num_heads, out_channels)) if kernel == "gat" else None
+        self.reset_parameters()
+
+    @property
+    def needs_graph(self) -> bool:
+        return self.use_graph or self.kernel in ("gcn", "gat")
+
+    def reset_parameters(self) -> None:
+        for lin in (self.query, self.key, self.value):
+            if lin is not None:
+                lin.reset_parameters()
+        for att in (self.att_source, self.att_target):
+            if att is not None:
+                nn.init.xavier_uniform_(att)
+
+    def check_fits(self, num_nodes: int) -> None:
+        """Raises before any work if DIFFormer-a cannot process ``num_nodes`` nodes at once."""
+        if self.kernel == "sigmoid":
+            sigmoid_rows_per_block(num_nodes, self.num_heads, self.sigmoid_block_bytes)
+
+    def forward(self, x: Tensor, graph: Optional[NormalizedGraph] = None) -> Tensor:
+        """Maps ``x`` [N, in_channels] to [N, out_channels].
+
+        ``graph`` is the :class:`NormalizedGraph` of the current nodes, required when
+        ``needs_graph``; :class:`DIFFormer` builds it once for all its layers.
+        """
+        if self.needs_graph and graph is None:
+            raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph: "
+                             f"pass edge_index, or use use_graph=False / a kernel without a graph")
+        shape = (x.size(0), self.num_heads, self.out_channels)
+        # Projections run in autocast's dtype; the diffusion below sums over all nodes.
+        value = self.value(x).view(shape) if self.use_weight else x.unsqueeze(1).expand(shape)
+        query = self.query(x).view(shape) if self.query is not None else None
+        key = self.key(x).view(shape) if self.key is not None else None
+        dtype = accumulation_dtype(value.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            query, key, value = (None if t is None else t.to(dtype) for t in (query, key, value))
+            out = self._diffuse(query, key, value, graph)
+        return out.mean(dim=1)
+
+    def _diffuse(self, query: Optional[Tensor], key: Optional[Tensor], value: Tensor,
+                 graph: Optional[NormalizedGraph]) -> Tensor:
+        if self.kernel == "none":
+            return value
+        if self.kernel == "gcn":
+            return graph.propagate(value)
+        if self.kernel == "gat":
+            return edge_attention(value, self.att_source.to(value.dtype), self.att_target.to(value.dtype),
+                                  graph.edge_index)
+        if self.kernel == "simple":
+            out = linear_attention(query, key, value, self.qk_norm)
+        else:
+            out = sigmoid_attention(query, key, value, self.sigmoid_block_bytes)
+        if not self.use_graph:
+            return out
+        local = graph.propagate(value)
+        if self.graph_weight > 0:
+            return (1.0 - self.graph_weight) * out + self.graph_weight * local
+        return out + local
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.num_heads}, "
+                f"kernel={self.kernel!r}, use_graph={self.use_graph})")

@@ -1,0 +1,104 @@
+"""Node classification with a DIFFormer encoder."""
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.data import Data
+from torchmetrics import AUROC, Accuracy, Metric
+
+from .model import DIFFormer
+
+SPLITS = ("train", "val", "test")
+
+
+class NodeClassifier(pl.LightningModule):
+    """Trains a :class:`DIFFormer` on the labelled nodes of each batch.
+
+    ``task='multiclass'``: cross-entropy over ``y`` [N]; ``task='multilabel'``: BCE with
+    logits over ``{0, 1}`` targets ``y`` [N, T] (as for ogbn-proteins). ``metric`` is
+    accuracy or ROC-AUC (macro over classes / tasks). Adam with coupled weight decay on all
+    parameters and a constant learning rate, as the reference.
+
+    Every validation epoch evaluates train, validation and test nodes in eval mode and logs
+    ``{split}/{metric}``; ``test@best_val`` is the test metric at the epoch of the best
+    validation metric so far (the reference's model selection), kept in the checkpoint.
+    """
+
+    def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
+                 task: Literal["multiclass", "multilabel"] = "multiclass",
+                 metric: Literal["accuracy", "rocauc"] = "accuracy") -> None:
+        super().__init__()
+        if task not in ("multiclass", "multilabel"):
+            raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
+        if metric not in ("accuracy", "rocauc"):
+            raise ValueError(f"unknown metric {metric!r}: choose 'accuracy' or 'rocauc'")
+        self.save_hyperparameters()
+        self.encoder = encoder
+        self.metric_name = "acc" if metric == "accuracy" else "rocauc"
+        # Keyed "<split>_metric": a ModuleDict key "train" would clash with Module.train.
+        self.metrics = nn.ModuleDict({f"{split}_metric": self._make_metric(task, metric) for split in SPLITS})
+        self.register_buffer("best_val", torch.tensor(float("-inf")))
+        self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
+
+    def _make_metric(self, task: str, metric: str) -> Metric:
+        num_outputs = self.encoder.lin_out.out_features
+        size = {"num_labels": num_outputs} if task == "multilabel" else {"num_classes": num_outputs}
+        return Accuracy(task=task, **size) if metric == "accuracy" else AUROC(task=task, **size)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "max_batch_nodes"):
+            self.encoder.check_fits(datamodule.max_batch_nodes)
+
+    def forward(self, batch: Data) -> Tensor:
+        return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"))
+
+    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.hparams.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        return F.cross_entropy(logits, target)
+
+    def training_step(self, batch: Data, batch_idx: int) -> Tensor:
+        mask = batch.train_mask
+        loss = self._loss(self(batch)[mask], batch.y[mask])
+        self.log("train/loss", loss, batch_size=int(mask.sum()), on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _update_metrics(self, batch: Data, splits) -> None:
+        logits = self(batch)
+        for split in splits:
+            mask = batch[f"{split}_mask"]
+            if mask.any():
+                self.metrics[f"{split}_metric"].update(logits[mask], batch.y[mask])
+
+    def validation_step(self, batch: Data, batch_idx: int) -> None:
+        self._update_metrics(batch, SPLITS)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for split in SPLITS:
+            values[split] = self.metrics[f"{split}_metric"].compute()
+            self.metrics[f"{split}_metric"].reset()
+            self.log(f"{split}/{self.metric_name}", values[split], prog_bar=split == "val")
+        if self.trainer.sanity_checking:
+            return
+        if values["val"] > self.best_val:
+            self.best_val.fill_(values["val"])
+            self.test_at_best_val.fill_(values["test"])
+        self.log("val/best", self.best_val)
+        self.log("test@best_val", self.test_at_best_val, prog_bar=True)
+
+    def test_step(self, batch: Data, batch_idx: int) -> None:
+        self._update_metrics(batch, ("test",))
+
+    def on_test_epoch_end(self) -> None:
+        self.log(f"test/{self.metric_name}", self.metrics["test_metric"].compute())
+        self.metrics["test_metric"].reset()
+
+    def predict_step(self, batch: Data, batch_idx: int) -> Tensor:
+        return self(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

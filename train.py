@@ -1,0 +1,35 @@
+"""Command line: ``python train.py {fit,validate,test,predict} --config configs/X.yaml``.
+
+A LightningCLI over :class:`NodeClassifier` and any :class:`NodeDataModule` subclass.
+The encoder's input and output sizes and the task come from the data, so a config only
+chooses the dataset, the encoder's hyperparameters and the Trainer's options.
+"""
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules import NodeDataModule
+from difformer_lightning import NodeClassifier
+
+
+def _task(multilabel: bool) -> str:
+    return "multilabel" if multilabel else "multiclass"
+
+
+class DIFFormerCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_features", "model.encoder.init_args.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.encoder.init_args.out_channels", apply_on="instantiate")
+        parser.link_arguments("data.multilabel", "model.task", compute_fn=_task, apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        model = self.model
+        rank_zero_info(f"best val/{model.metric_name} {float(model.best_val):.4f}, "
+                       f"test@best_val {float(model.test_at_best_val):.4f}")
+
+
+def main(args=None, **kwargs) -> DIFFormerCLI:
+    return DIFFormerCLI(NodeClassifier, NodeDataModule, subclass_mode_data=True, args=args, **kwargs)
+
+
+if __name__ == "__main__":
+    main()
