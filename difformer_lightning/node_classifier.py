@@ -45,7 +45,10 @@ class NodeClassifier(pl.LightningModule):
     def _make_metric(self, task: str, metric: str) -> Metric:
         num_outputs = self.encoder.lin_out.out_features
         size = {"num_labels": num_outputs} if task == "multilabel" else {"num_classes": num_outputs}
-        return Accuracy(task=task, **size) if metric == "accuracy" else AUROC(task=task, **size)
+        if metric == "accuracy":
+            # micro: the fraction of correct nodes (torchmetrics defaults to a per-class macro mean)
+            return Accuracy(task=task, average="micro", **size)
+        return AUROC(task=task, average="macro", **size)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
