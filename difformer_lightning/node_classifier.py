@@ -1,4 +1,5 @@
 """Node classification with a DIFFormer encoder."""
+import warnings
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -34,7 +35,11 @@ class NodeClassifier(pl.LightningModule):
             raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
         if metric not in ("accuracy", "rocauc"):
             raise ValueError(f"unknown metric {metric!r}: choose 'accuracy' or 'rocauc'")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Keeping the encoder in hparams is deliberate: under LightningCLI it is saved as its
+            # class path and arguments, so load_from_checkpoint rebuilds it without extra arguments.
+            warnings.filterwarnings("ignore", message="Attribute 'encoder' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         self.encoder = encoder
         self.metric_name = "acc" if metric == "accuracy" else "rocauc"
         # Keyed "<split>_metric": a ModuleDict key "train" would clash with Module.train.

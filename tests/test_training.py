@@ -84,3 +84,12 @@ def test_cli_size_guard_for_difformer_a_fires_before_training(planetoid_root):
     assert result.returncode != 0
     assert "DIFFormer-a (kernel='sigmoid') needs" in result.stderr
     assert "Epoch 0" not in result.stderr + result.stdout
+
+
+def test_cora_difformer_s_reaches_the_published_range(planetoid_root):
+    """One seed of the published Cora recipe (paper: 85.9 +- 0.4; benchmarks/reproduce.py: 5 seeds)."""
+    from train import main
+    cli = main(["fit", "--config", str(ROOT / "configs" / "cora_s.yaml"), "--data.init_args.root", str(planetoid_root),
+                "--seed_everything", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_progress_bar", "false"], save_config_callback=None)
+    assert float(cli.model.test_at_best_val) >= 0.84
