@@ -1,6 +1,8 @@
 """A contextual stochastic block model generated in process: the default dataset, no download."""
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -8,6 +10,7 @@ from torch_geometric.utils import remove_self_loops, to_undirected
 
 from .base import NodeDataModule
 from .splits import class_balanced_split
+from .store import StoreWriter, write_csr, write_nodes
 
 
 def contextual_sbm(num_nodes: int, num_classes: int, num_features: int, avg_degree: float, homophily: float,
@@ -21,25 +24,75 @@ def contextual_sbm(num_nodes: int, num_classes: int, num_features: int, avg_degr
     y = torch.randint(num_classes, (num_nodes,), generator=generator)
     means = torch.randn(num_classes, num_features, generator=generator)
     x = feature_signal * means[y] + torch.randn(num_nodes, num_features, generator=generator)
-    return Data(x=x, y=y, edge_index=_homophilous_edges(y, num_classes, avg_degree, homophily, generator))
+    pairs = ClassSampler(y, num_classes).pairs(int(num_nodes * avg_degree / 2), homophily, generator)
+    edge_index, _ = remove_self_loops(torch.stack(pairs))
+    return Data(x=x, y=y, edge_index=to_undirected(edge_index, num_nodes=num_nodes))
 
 
-def _homophilous_edges(y: Tensor, num_classes: int, avg_degree: float, homophily: float,
-                       generator: torch.Generator) -> Tensor:
-    num_nodes = y.size(0)
+class ClassSampler:
+    """Draws node pairs whose second end shares the first end's class with probability ``homophily``."""
+
+    def __init__(self, y: Tensor, num_classes: int) -> None:
+        self.y = y
+        self.by_class = torch.argsort(y)  # a random member of class c is by_class[offset[c] + u * count[c]]
+        self.counts = torch.bincount(y, minlength=num_classes)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    def pairs(self, num_pairs: int, homophily: float, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        num_nodes = self.y.numel()
+        source = torch.randint(num_nodes, (num_pairs,), generator=generator)
+        source_class = self.y[source]
+        within = (torch.rand(num_pairs, generator=generator) * self.counts[source_class]).long()
+        same_class = self.by_class[self.offsets[source_class] + within]
+        anywhere = torch.randint(num_nodes, (num_pairs,), generator=generator)
+        target = torch.where(torch.rand(num_pairs, generator=generator) < homophily, same_class, anywhere)
+        return source, target
+
+
+def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: int = 10, num_features: int = 64,
+                          avg_degree: float = 10.0, homophily: float = 0.6, feature_signal: float = 0.2,
+                          split: Tuple[float, float, float] = (0.5, 0.25, 0.25), seed: int = 0,
+                          feature_dtype=np.float16, chunk: int = 1 << 22, overwrite: bool = False) -> Path:
+    """The contextual SBM of :func:`contextual_sbm`, written straight into a graph store.
+
+    Nothing of size E is ever in memory: edges are drawn in chunks from generators seeded
+    per chunk, so the CSR writer's two passes regenerate the same chunks instead of holding
+    them. Peak memory is O(N) (labels, write cursors) plus one chunk. Every undirected pair
+    is stored in both directions; self loops are dropped, and repeated pairs (rare: about
+    avg_degree / N per pair) are kept as they are drawn. A random ``split`` of the nodes
+    (train, val, test fractions) is stored.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(num_classes, (num_nodes,), generator=generator)
+    means = torch.randn(num_classes, num_features, generator=generator)
+    sampler = ClassSampler(y, num_classes)
     num_pairs = int(num_nodes * avg_degree / 2)
-    source = torch.randint(num_nodes, (num_pairs,), generator=generator)
-    # A random member of the source's class: index into the nodes sorted by class.
-    by_class = torch.argsort(y)
-    counts = torch.bincount(y, minlength=num_classes)
-    offsets = torch.cumsum(counts, 0) - counts
-    source_class = y[source]
-    within = (torch.rand(num_pairs, generator=generator) * counts[source_class]).long()
-    same_class = by_class[offsets[source_class] + within]
-    anywhere = torch.randint(num_nodes, (num_pairs,), generator=generator)
-    target = torch.where(torch.rand(num_pairs, generator=generator) < homophily, same_class, anywhere)
-    edge_index, _ = remove_self_loops(torch.stack([source, target]))
-    return to_undirected(edge_index, num_nodes=num_nodes)
+
+    def edge_chunks():
+        for index, start in enumerate(range(0, num_pairs, chunk)):
+            chunk_generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (index + 1))
+            source, target = sampler.pairs(min(chunk, num_pairs - start), homophily, chunk_generator)
+            keep = source != target
+            source, target = source[keep].numpy(), target[keep].numpy()
+            yield np.concatenate([source, target]), np.concatenate([target, source])
+
+    def feature_chunks():
+        rows = max(1, chunk // num_features)
+        for start in range(0, num_nodes, rows):
+            labels = y[start:start + rows]
+            noise = torch.randn(labels.numel(), num_features, generator=generator)
+            yield (feature_signal * means[labels] + noise).numpy()
+
+    order = torch.randperm(num_nodes, generator=generator).numpy()
+    bounds = np.cumsum([int(round(f * num_nodes)) for f in split])
+    splits = {"train": np.sort(order[:bounds[0]]), "val": np.sort(order[bounds[0]:bounds[1]]),
+              "test": np.sort(order[bounds[1]:bounds[2]])}
+    with StoreWriter(path, overwrite=overwrite) as writer:
+        write_csr(writer, num_nodes, edge_chunks)
+        write_nodes(writer, feature_chunks(), num_nodes, num_features, feature_dtype, y.numpy().astype(np.int32),
+                    splits)
+        return writer.commit(num_classes, generator="contextual_sbm", avg_degree=avg_degree, homophily=homophily,
+                             feature_signal=feature_signal, seed=seed)
 
 
 class SyntheticCSBMDataModule(NodeDataModule):

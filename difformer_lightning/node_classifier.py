@@ -70,7 +70,12 @@ class NodeClassifier(pl.LightningModule):
 
     def training_step(self, batch: Data, batch_idx: int) -> Tensor:
         mask = batch.train_mask
-        loss = self._loss(self(batch)[mask], batch.y[mask])
+        logits = self(batch)
+        if not mask.any():
+            # A partition batch may hold no training node; a zero loss that still touches every
+            # parameter keeps DDP's gradient all-reduce in step across ranks.
+            return logits.sum() * 0.0
+        loss = self._loss(logits[mask], batch.y[mask])
         self.log("train/loss", loss, batch_size=int(mask.sum()), on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

@@ -1,0 +1,279 @@
+"""An on-disk graph that every process maps instead of loading: CSR, features, labels, splits.
+
+A store is a directory of ``.npy`` arrays and a ``meta.json``:
+
+* ``rowptr`` int64 ``[N + 1]`` and ``col`` (int32 while N < 2**31, else int64) ``[E]``: the
+  *incoming* edges of every node, so ``col[rowptr[i]:rowptr[i + 1]]`` are the sources of the
+  messages node ``i`` receives (for an undirected graph, its neighbours);
+* ``x`` float16 or float32 ``[N, F]``; ``y`` int32 ``[N]`` (``-1`` = unlabelled) or uint8
+  ``[N, T]`` for multi-label data;
+* ``train_idx``, ``val_idx``, ``test_idx`` int64, and ``split`` uint8 ``[N]`` (0 none, 1 train,
+  2 val, 3 test) so a batch finds its nodes' splits without a search.
+
+Arrays are opened with ``numpy.load(mmap_mode="c")``: nothing is copied into process memory,
+and all processes on a machine (DDP ranks, DataLoader workers) share one copy in the page
+cache. Writers build the directory under a temporary name and rename it when complete, so an
+interrupted conversion never leaves a store that opens.
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT = "difformer-graph-store"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+_CHECK_CHUNK = 1 << 24  # elements per chunk when validating, to bound memory
+
+
+class StoreError(ValueError):
+    """A graph store is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class GraphStore:
+    """A memory-mapped graph store; see the module docstring for the layout."""
+
+    path: Path
+    meta: dict
+    rowptr: Tensor
+    col: Tensor
+    x: Tensor
+    y: Tensor
+    split: Tensor
+    train_idx: Tensor
+    val_idx: Tensor
+    test_idx: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.meta["num_nodes"]
+
+    @property
+    def num_edges(self) -> int:
+        return self.meta["num_edges"]
+
+    @property
+    def num_features(self) -> int:
+        return self.meta["num_features"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.meta["multilabel"]
+
+    @classmethod
+    def open(cls, path: Union[str, Path], validate: bool = True) -> "GraphStore":
+        """Maps the store at ``path``; with ``validate``, checks it (see :func:`validate_store`)."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise StoreError(f"no graph store at {path} (missing meta.json); build one with "
+                             f"datamodules.store.write_store or a converter")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise StoreError(f"{path} is not a version-{VERSION} {FORMAT} (meta says format={meta.get('format')!r}, "
+                             f"version={meta.get('version')!r})")
+        arrays = {name: _map_array(path, name, spec) for name, spec in meta["arrays"].items()}
+        store = cls(path=path, meta=meta, **{name: torch.from_numpy(a) for name, a in arrays.items()})
+        if validate:
+            validate_store(store)
+        return store
+
+
+def _map_array(path: Path, name: str, spec: dict) -> np.ndarray:
+    file = path / f"{name}.npy"
+    if not file.is_file():
+        raise StoreError(f"graph store {path} lacks {file.name}")
+    if file.stat().st_size != spec["bytes"]:
+        raise StoreError(f"{file} has {file.stat().st_size} bytes but meta.json records {spec['bytes']}: the file is "
+                         f"truncated or from another store; rebuild the store")
+    try:
+        array = np.load(file, mmap_mode="c")
+    except ValueError as error:
+        raise StoreError(f"{file} is not a readable .npy array ({error}); rebuild the store") from error
+    if str(array.dtype) != spec["dtype"] or list(array.shape) != spec["shape"]:
+        raise StoreError(f"{file} holds {array.dtype} {list(array.shape)} but meta.json records {spec['dtype']} "
+                         f"{spec['shape']}")
+    return array
+
+
+def validate_store(store: GraphStore) -> None:
+    """Checks counts, a monotone ``rowptr`` ending at E, column and split ids in range.
+
+    Every check streams over the arrays in chunks, so memory stays bounded; it reads
+    rowptr and col once (seconds for a billion edges).
+    """
+    n, e = store.num_nodes, store.num_edges
+    rowptr, col = store.rowptr, store.col
+    if rowptr.numel() != n + 1 or col.numel() != e:
+        raise StoreError(f"{store.path}: rowptr has {rowptr.numel()} entries and col {col.numel()}, expected "
+                         f"{n + 1} and {e}")
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != e:
+        raise StoreError(f"{store.path}: rowptr runs from {int(rowptr[0])} to {int(rowptr[-1])}, expected 0 to {e}")
+    for start in range(0, n, _CHECK_CHUNK):
+        chunk = rowptr[start:start + _CHECK_CHUNK + 1]
+        if (chunk[1:] < chunk[:-1]).any():
+            bad = start + int((chunk[1:] < chunk[:-1]).nonzero()[0])
+            raise StoreError(f"{store.path}: rowptr decreases at node {bad} ({int(rowptr[bad])} -> "
+                             f"{int(rowptr[bad + 1])}); the CSR is corrupt")
+    for start in range(0, e, _CHECK_CHUNK):
+        chunk = col[start:start + _CHECK_CHUNK]
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0 or high >= n:
+            raise StoreError(f"{store.path}: col holds node ids in [{low}, {high}] near edge {start} but there are "
+                             f"{n} nodes")
+    for split in SPLITS:
+        index = getattr(store, f"{split}_idx")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise StoreError(f"{store.path}: {split}_idx holds ids in [{int(index.min())}, {int(index.max())}] "
+                             f"but there are {n} nodes")
+    if store.x.shape != (n, store.num_features) or store.y.size(0) != n or store.split.numel() != n:
+        raise StoreError(f"{store.path}: x {tuple(store.x.shape)}, y {tuple(store.y.shape)} and split "
+                         f"{tuple(store.split.shape)} do not all have {n} rows")
+
+
+class StoreWriter:
+    """Builds a store in ``<path>.tmp-<pid>`` and renames it to ``path`` on :meth:`commit`.
+
+    Arrays are created as memory-mapped ``.npy`` files (:meth:`create`) and filled in chunks
+    by the caller, so no array needs to fit in memory. Use as a context manager: an
+    exception discards the temporary directory and leaves any existing store untouched.
+    """
+
+    def __init__(self, path: Union[str, Path], overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.arrays: Dict[str, np.ndarray] = {}
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.arrays.clear()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def create(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """A writable memory-mapped array that will be part of the store."""
+        array = np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+        self.arrays[name] = array
+        return array
+
+    def put(self, name: str, values: np.ndarray) -> None:
+        """Stores a small array whole."""
+        self.create(name, values.shape, values.dtype)[...] = values
+
+    def commit(self, num_classes: int, multilabel: bool = False, **extra) -> Path:
+        """Flushes every array, writes meta.json, and atomically moves the store into place."""
+        required = {"rowptr", "col", "x", "y", "split", "train_idx", "val_idx", "test_idx"}
+        missing = required - set(self.arrays)
+        if missing:
+            raise StoreError(f"cannot commit the store at {self.path}: {', '.join(sorted(missing))} not written")
+        specs = {}
+        for name, array in self.arrays.items():
+            array.flush()
+            specs[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
+                           "bytes": (self.tmp / f"{name}.npy").stat().st_size}
+        x, col = self.arrays["x"], self.arrays["col"]
+        meta = {"format": FORMAT, "version": VERSION, "num_nodes": int(x.shape[0]), "num_edges": int(col.shape[0]),
+                "num_features": int(x.shape[1]), "num_classes": int(num_classes), "multilabel": bool(multilabel),
+                "arrays": specs, **extra}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.arrays.clear()
+        if self.path.exists():
+            old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+            self.path.rename(old)
+            self.tmp.rename(self.path)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.path)
+        return self.path
+
+
+def column_dtype(num_nodes: int) -> np.dtype:
+    """int32 column ids while they fit (half the size of the largest array), else int64."""
+    return np.dtype(np.int32) if num_nodes < 2**31 else np.dtype(np.int64)
+
+
+def write_csr(writer: StoreWriter, num_nodes: int, edge_chunks) -> None:
+    """Builds ``rowptr``/``col`` (incoming edges per node) from ``edge_chunks``, a callable that
+    returns a fresh iterable of ``(source, target)`` int64 numpy chunks each time it is called.
+
+    Two passes with bounded memory: the first counts in-degrees, the second places every
+    source at its target's next free slot. Memory is O(N) for the write cursors plus one
+    chunk, never O(E).
+    """
+    degree = np.zeros(num_nodes, dtype=np.int64)
+    for source, target in edge_chunks():
+        degree += np.bincount(target, minlength=num_nodes)
+    rowptr = writer.create("rowptr", (num_nodes + 1,), np.int64)
+    rowptr[0] = 0
+    np.cumsum(degree, out=rowptr[1:])
+    col = writer.create("col", (int(rowptr[-1]),), column_dtype(num_nodes))
+    cursor = np.array(rowptr[:-1])
+    del degree
+    for source, target in edge_chunks():
+        order = np.argsort(target, kind="stable")
+        target, source = target[order], source[order]
+        # rank of each edge among the chunk's edges with the same target
+        starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
+        counts = np.diff(np.r_[starts, target.size])
+        rank = np.arange(target.size) - np.repeat(starts, counts)
+        col[cursor[target] + rank] = source
+        cursor[target[starts]] += counts
+
+
+def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: int, num_features: int,
+                feature_dtype, y: np.ndarray, splits: Dict[str, np.ndarray]) -> None:
+    """Writes features (streamed), labels and splits (index arrays plus the per-node code)."""
+    x = writer.create("x", (num_nodes, num_features), feature_dtype)
+    start = 0
+    for chunk in x_chunks:
+        x[start:start + len(chunk)] = chunk
+        start += len(chunk)
+    if start != num_nodes:
+        raise StoreError(f"feature chunks gave {start} rows for {num_nodes} nodes")
+    writer.put("y", y)
+    code = writer.create("split", (num_nodes,), np.uint8)
+    code[:] = 0
+    for name in SPLITS:
+        index = np.asarray(splits[name], dtype=np.int64)
+        writer.put(f"{name}_idx", index)
+        code[index] = SPLIT_CODES[name]
+
+
+def write_store_from_data(data, path: Union[str, Path], num_classes: Optional[int] = None,
+                          feature_dtype=np.float32, chunk_edges: int = 1 << 22, overwrite: bool = False) -> Path:
+    """Converts a PyG ``Data`` (as validated by ``NodeDataModule``) into a store at ``path``."""
+    from .base import infer_num_classes
+
+    multilabel = data.y.dim() == 2
+    num_nodes = data.num_nodes
+    edge_index = data.edge_index.numpy()
+
+    def edge_chunks():
+        for start in range(0, edge_index.shape[1], chunk_edges):
+            yield edge_index[0, start:start + chunk_edges], edge_index[1, start:start + chunk_edges]
+
+    y = data.y.numpy().astype(np.uint8 if multilabel else np.int32)
+    splits = {name: data[f"{name}_mask"].nonzero().flatten().numpy() for name in SPLITS}
+    with StoreWriter(path, overwrite=overwrite) as writer:
+        write_csr(writer, num_nodes, edge_chunks)
+        write_nodes(writer, [data.x.numpy()], num_nodes, data.num_features, feature_dtype, y, splits)
+        classes = num_classes if num_classes is not None else infer_num_classes(data, multilabel)
+        return writer.commit(classes, multilabel)
