@@ -1,13 +1,14 @@
 """Command line: ``python train.py {fit,validate,test,predict} --config configs/X.yaml``.
 
-A LightningCLI over :class:`NodeClassifier` and any :class:`NodeDataModule` subclass.
+A LightningCLI over :class:`NodeClassifier` and any LightningDataModule that exposes
+``num_features``, ``num_classes`` and ``multilabel`` (every module in ``datamodules``).
 The encoder's input and output sizes and the task come from the data, so a config only
 chooses the dataset, the encoder's hyperparameters and the Trainer's options.
 """
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules import NodeDataModule
 from difformer_lightning import NodeClassifier
 
 
@@ -28,7 +29,7 @@ class DIFFormerCLI(LightningCLI):
 
 
 def main(args=None, **kwargs) -> DIFFormerCLI:
-    return DIFFormerCLI(NodeClassifier, NodeDataModule, subclass_mode_data=True, args=args, **kwargs)
+    return DIFFormerCLI(NodeClassifier, LightningDataModule, subclass_mode_data=True, args=args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""LightningDataModules: full-batch graphs, the Planetoid citation graphs, a synthetic default."""
+"""LightningDataModules: full-batch graphs, Planetoid, a synthetic default, random node partition over a graph store."""
 from .base import DATA_ENV, DatasetNotFoundError, NodeDataModule, data_root, validate_node_data
+from .partition import RandomPartitionDataModule
 from .planetoid import PlanetoidDataModule
 from .splits import class_balanced_split
+from .store import GraphStore, StoreError
 from .synthetic import SyntheticCSBMDataModule, contextual_sbm
 
-__all__ = ["DATA_ENV", "DatasetNotFoundError", "NodeDataModule", "PlanetoidDataModule", "SyntheticCSBMDataModule",
+__all__ = ["DATA_ENV", "DatasetNotFoundError", "NodeDataModule", "GraphStore", "PlanetoidDataModule", "RandomPartitionDataModule",
+           "StoreError", "SyntheticCSBMDataModule",
            "class_balanced_split", "contextual_sbm", "data_root", "validate_node_data"]
