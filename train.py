@@ -29,6 +29,10 @@ class DIFFormerCLI(LightningCLI):
 
 
 def main(args=None, **kwargs) -> DIFFormerCLI:
+    # Runs write under ./runs (logs, checkpoints, the resolved config.yaml), never into the
+    # source tree; a rerun overwrites the config it saved rather than refusing to start.
+    kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return DIFFormerCLI(NodeClassifier, LightningDataModule, subclass_mode_data=True, args=args, **kwargs)
 
 

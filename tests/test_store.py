@@ -184,3 +184,42 @@ def test_partition_training_on_cora_and_batched_metrics(cora_store):
     assert total == 500
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(correct / total, abs=1e-6)
     assert correct / total > 0.6  # 7 classes; batches of 1000 keep about 37% of Cora's edges
+
+
+@pytest.mark.parametrize("options", [dict(kernel="simple"), dict(kernel="simple", qk_norm="row", num_heads=2),
+                                     dict(kernel="simple", use_weight=False, graph_weight=0.3),
+                                     dict(kernel="simple", use_graph=False), dict(kernel="gcn"),
+                                     dict(kernel="none", use_graph=False), dict(kernel="simple", use_residual=False)])
+def test_layerwise_inference_equals_the_in_memory_forward(tmp_path, options):
+    from difformer_lightning.inference import layerwise_inference
+
+    data = directed_graph()
+    data.edge_index = torch.cat([data.edge_index, torch.tensor([[4], [4]])], dim=1)  # one existing self loop
+    generator = torch.Generator().manual_seed(0)
+    data.x = torch.randn(6, 3, generator=generator)
+    store = GraphStore.open(write_store_from_data(data, tmp_path / "g", num_classes=2))
+    torch.manual_seed(0)
+    model = DIFFormer(3, 4, 2, num_layers=3, dropout=0.5, **options).eval()
+    expected = model(data.x, data.edge_index)
+    got = layerwise_inference(model, store, chunk_nodes=4, workdir=tmp_path)  # chunks of 4 and 2 rows
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layerwise_inference_on_cora_store(cora_store, tmp_path):
+    from difformer_lightning.inference import layerwise_inference
+
+    data, path = cora_store
+    torch.manual_seed(0)
+    model = DIFFormer(1433, 16, 7, num_layers=4, use_weight=True).eval()
+    got = layerwise_inference(model, GraphStore.open(path), chunk_nodes=1000, workdir=tmp_path,
+                              out=tmp_path / "logits.npy")
+    assert np.load(tmp_path / "logits.npy", mmap_mode="r").shape == (2708, 7)
+    torch.testing.assert_close(got, model(data.x, data.edge_index), rtol=1e-4, atol=1e-5)
+
+
+def test_layerwise_inference_refuses_quadratic_kernels(cora_store):
+    from difformer_lightning.inference import layerwise_inference
+
+    _, path = cora_store
+    with pytest.raises(ValueError, match="not 'sigmoid'"):
+        layerwise_inference(DIFFormer(1433, 8, 7, kernel="sigmoid"), GraphStore.open(path))
