@@ -55,11 +55,11 @@ def layerwise_inference(model: DIFFormer, store, chunk_nodes: int = 65_536,
             for start, stop in _chunks(num_nodes, chunk_nodes):
                 h = torch.from_numpy(source[start:stop])
                 value = torch.from_numpy(values[start:stop]).double()
-                out = _combine(conv, h, value, sums, num_nodes)
+                diffused = _combine(conv, h, value, sums, num_nodes)
                 if conv.needs_graph:
                     local = _graph_rows(store, values, inv_sqrt_degree, start, stop)
-                    out = local if conv.kernel == "gcn" else _mix(conv, out, local)
-                update = out.mean(dim=1).float()
+                    diffused = local if conv.kernel == "gcn" else _mix(conv, diffused, local)
+                update = diffused.mean(dim=1).float()
                 h = model.alpha * update + (1.0 - model.alpha) * h if model.use_residual else update
                 target[start:stop] = norm(h).numpy()
         final = buffers[len(model.convs) % 2]
