@@ -7,7 +7,7 @@ O(E) in total, where the reference scheme scans the whole edge list for every ba
 """
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -64,15 +64,31 @@ class NodeBitmap:
         return (self.bits[ids >> 3].bitwise_right_shift((ids & 7).to(torch.uint8)) & 1).bool()
 
 
-class BatchBuilder(Dataset):
-    """Turns a tensor of node ids into a batch ``Data``; opens the store lazily in each process.
+def sample_neighbors(rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int, generator: torch.Generator) -> Tensor:
+    """``fanout`` in-neighbours of every node in ``nodes``, drawn uniformly with replacement
+    (nodes without neighbours contribute none); O(len(nodes) x fanout) from the CSR."""
+    starts = rowptr[nodes]
+    degree = rowptr[nodes + 1] - starts
+    has_neighbors = degree > 0
+    starts, degree = starts[has_neighbors].repeat_interleave(fanout), degree[has_neighbors].repeat_interleave(fanout)
+    offsets = (torch.rand(degree.numel(), generator=generator, dtype=torch.float64) * degree).long()
+    return col[starts + offsets].long()
 
-    Only the store's path crosses process boundaries (DataLoader workers, DDP ranks), so
-    every process maps the same files instead of receiving a pickled copy.
+
+class BatchBuilder(Dataset):
+    """Turns a batch request from :class:`PartitionSampler` into a batch ``Data``.
+
+    With ``fanout == 0`` the batch is the requested nodes and the subgraph they induce (random
+    node partition). With ``fanout > 0`` the requested nodes are *seeds*: ``fanout`` sampled
+    in-neighbours of each seed join the batch so that seeds keep part of their neighbourhood,
+    and only seeds count in the split masks (loss and metrics). The store is opened lazily in
+    each process: only its path crosses process boundaries (DataLoader workers, DDP ranks),
+    so every process maps the same files instead of receiving a pickled copy.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fanout: int = 0) -> None:
         self.path = Path(path)
+        self.fanout = fanout
         self._store: Optional[GraphStore] = None
         self._member: Optional[NodeBitmap] = None
 
@@ -83,25 +99,35 @@ class BatchBuilder(Dataset):
             self._member = NodeBitmap(self._store.num_nodes)
         return self._store
 
-    def __getitem__(self, nodes: Tensor) -> Data:
+    def __getitem__(self, request: Tuple[Tensor, int]) -> Data:
+        seeds, batch_seed = request
         store = self.store
         # Order inside a batch is free: sorted ids read the memory-mapped rows in file order.
-        nodes = torch.sort(nodes.long()).values
+        nodes = torch.sort(seeds.long()).values
+        counted = torch.ones(nodes.numel(), dtype=torch.bool)
+        if self.fanout > 0:
+            generator = torch.Generator().manual_seed(batch_seed)
+            seeds = nodes
+            nodes = torch.unique(torch.cat([seeds, sample_neighbors(store.rowptr, store.col, seeds, self.fanout,
+                                                                    generator)]))
+            slot = torch.searchsorted(seeds, nodes).clamp_(max=seeds.numel() - 1)
+            counted = seeds[slot] == nodes
         code = store.split[nodes]
         y = store.y[nodes]
         return Data(x=store.x[nodes].float(), y=y.float() if store.multilabel else y.long(),
                     edge_index=induced_subgraph(store.rowptr, store.col, nodes, self._member), n_id=nodes,
-                    **{f"{name}_mask": code == value for name, value in SPLIT_CODES.items()})
+                    **{f"{name}_mask": (code == value) & counted for name, value in SPLIT_CODES.items()})
 
     def __len__(self) -> int:
         return self.store.num_nodes
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_store": None, "_member": None}
+        return {"path": self.path, "fanout": self.fanout, "_store": None, "_member": None}
 
 
 class PartitionSampler(DistributedSampler):
-    """Yields one tensor of node ids per batch: a partition of all nodes, new every epoch.
+    """Yields one request ``(node ids, batch seed)`` per batch: a partition of all nodes (or of
+    ``nodes``), new every epoch; the batch seed drives any sampling inside the batch.
 
     The permutation comes from a generator seeded with ``(seed, epoch)``, never from the
     global RNG, so every rank derives the same one. The nodes are cut into ``k * world``
@@ -112,7 +138,9 @@ class PartitionSampler(DistributedSampler):
     """
 
     def __init__(self, num_nodes: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None, nodes: Optional[Tensor] = None) -> None:
+        self.nodes = nodes
+        num_nodes = nodes.numel() if nodes is not None else num_nodes
         if batch_size <= 0 or batch_size > num_nodes:
             raise ValueError(f"batch_size must be in [1, {num_nodes}] (the number of nodes), got {batch_size}")
         distributed = dist.is_available() and dist.is_initialized()
@@ -126,15 +154,19 @@ class PartitionSampler(DistributedSampler):
             raise ValueError(f"{num_nodes} nodes cannot fill {self.batches_per_rank} batches on each of "
                              f"{self.num_replicas} ranks")
 
-    def permutation(self) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_nodes)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_nodes, generator=generator)
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
 
-    def __iter__(self) -> Iterator[Tensor]:
-        batches = torch.tensor_split(self.permutation(), self.batches_per_rank * self.num_replicas)
-        yield from batches[self.rank::self.num_replicas]
+    def permutation(self) -> Tensor:
+        order = (torch.randperm(self.num_nodes, generator=torch.Generator().manual_seed(self._epoch_seed()))
+                 if self.shuffle else torch.arange(self.num_nodes))
+        return self.nodes[order] if self.nodes is not None else order
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, int]]:
+        total = self.batches_per_rank * self.num_replicas
+        batches = torch.tensor_split(self.permutation(), total)
+        for index in range(self.rank, total, self.num_replicas):
+            yield batches[index], self._epoch_seed() * 65_537 + index
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -144,19 +176,27 @@ class PartitionSampler(DistributedSampler):
 
 
 class RandomPartitionDataModule(pl.LightningDataModule):
-    """Random node partition training over a graph store (see :mod:`datamodules.store`).
+    """Mini-batch training over a graph store (see :mod:`datamodules.store`).
 
-    Training batches are a fresh random partition every epoch; validation, test and
-    prediction use a fixed partition (consecutive node ids). Batches are built in
-    ``num_workers`` DataLoader processes while the model trains, and copied into pinned
-    memory when a GPU is used.
+    ``fanout=0`` (default) is the reference's random node partition: every epoch a fresh
+    random partition of all nodes into batches of ``batch_size``, each with its induced
+    subgraph. A batch keeps only about ``degree x batch_size / N`` in-batch neighbours per node
+    (0.1 on ogbn-papers100M), so on large sparse graphs the graph term sees almost no edges.
+    ``fanout > 0`` keeps locality without pyg-lib or METIS: each training batch is
+    ``batch_size`` random *training* seeds plus ``fanout`` sampled in-neighbours of each seed,
+    and only seeds count in the loss and metrics; evaluation batches use every node as a
+    seed once. Validation, test and prediction use a fixed partition (consecutive node ids).
+    Batches are built in ``num_workers`` DataLoader processes while the model trains, and
+    copied into pinned memory when a GPU is used.
     """
 
     def __init__(self, store: str, batch_size: int = 10_000, eval_batch_size: Optional[int] = None, seed: int = 0,
-                 num_workers: int = 2) -> None:
+                 num_workers: int = 2, fanout: int = 0) -> None:
         super().__init__()
+        if fanout < 0:
+            raise ValueError(f"fanout must be >= 0 (0: random partition), got {fanout}")
         self.path = Path(store)
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.batch_size, self.seed, self.num_workers, self.fanout = batch_size, seed, num_workers, fanout
         self.eval_batch_size = eval_batch_size or batch_size
         self._store: Optional[GraphStore] = None
 
@@ -187,19 +227,22 @@ class RandomPartitionDataModule(pl.LightningDataModule):
 
     @property
     def max_batch_nodes(self) -> int:
-        return max(self.batch_size, self.eval_batch_size)
+        return min(self.store.num_nodes, max(self.batch_size, self.eval_batch_size) * (1 + self.fanout))
 
     def setup(self, stage: str) -> None:
         self.store  # noqa: B018  opens and validates before any training work
 
-    def _loader(self, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = PartitionSampler(self.store.num_nodes, batch_size, self.seed, shuffle)
+    def _loader(self, batch_size: int, shuffle: bool, seeds: Optional[Tensor] = None) -> DataLoader:
+        sampler = PartitionSampler(self.store.num_nodes, batch_size, self.seed, shuffle, nodes=seeds)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(BatchBuilder(self.path), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=on_gpu, persistent_workers=self.num_workers > 0)
+        return DataLoader(BatchBuilder(self.path, self.fanout), sampler=sampler, batch_size=None,
+                          num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.batch_size, shuffle=True)
+        if self.fanout == 0:
+            return self._loader(self.batch_size, shuffle=True)
+        seeds = self.store.train_idx
+        return self._loader(min(self.batch_size, seeds.numel()), shuffle=True, seeds=seeds)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_batch_size, shuffle=False)

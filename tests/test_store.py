@@ -63,7 +63,7 @@ def test_induced_subgraph_matches_pyg_subgraph(cora_store):
 def test_batches_carry_aligned_features_labels_masks_and_directed_edges(tmp_path):
     data = directed_graph()
     builder = BatchBuilder(write_store_from_data(data, tmp_path / "g", num_classes=2))
-    batch = builder[torch.tensor([5, 0, 3, 2])]  # any order in, sorted ids out
+    batch = builder[torch.tensor([5, 0, 3, 2]), 0]  # any order in, sorted ids out
     assert batch.n_id.tolist() == [0, 2, 3, 5]
     assert torch.equal(batch.x, data.x[batch.n_id]) and torch.equal(batch.y, data.y[batch.n_id])
     assert batch.train_mask.tolist() == [True, False, False, False]
@@ -78,7 +78,7 @@ def test_partition_is_shared_disjoint_and_balanced_across_ranks(num_nodes, batch
     samplers = [PartitionSampler(num_nodes, batch_size, seed=4, num_replicas=world, rank=r) for r in range(world)]
     for sampler in samplers:
         sampler.set_epoch(3)
-    per_rank = [list(sampler) for sampler in samplers]
+    per_rank = [[nodes for nodes, _ in sampler] for sampler in samplers]
     assert len({len(batches) for batches in per_rank}) == 1  # equal batch counts: no rank waits at the end
     assert all(len(batches) == len(sampler) for batches, sampler in zip(per_rank, samplers))
     everything = torch.cat([b for batches in per_rank for b in batches])
@@ -86,17 +86,17 @@ def test_partition_is_shared_disjoint_and_balanced_across_ranks(num_nodes, batch
     assert max(b.numel() for batches in per_rank for b in batches) <= batch_size
     again = PartitionSampler(num_nodes, batch_size, seed=4, num_replicas=world, rank=0)
     again.set_epoch(3)
-    assert all(torch.equal(a, b) for a, b in zip(again, per_rank[0]))  # a function of (seed, epoch) only
+    assert all(torch.equal(a, b) for (a, _), b in zip(again, per_rank[0]))  # a function of (seed, epoch) only
 
 
 def test_partition_changes_every_epoch_and_eval_partition_is_fixed():
     sampler = PartitionSampler(500, 100, seed=0)
-    first = list(sampler)
+    first = [nodes for nodes, _ in sampler]
     sampler.set_epoch(1)
-    assert not torch.equal(torch.cat(first), torch.cat(list(sampler)))
+    assert not torch.equal(torch.cat(first), torch.cat([nodes for nodes, _ in sampler]))
     fixed = PartitionSampler(500, 100, shuffle=False)
     fixed.set_epoch(5)
-    assert torch.equal(torch.cat(list(fixed)), torch.arange(500))
+    assert torch.equal(torch.cat([nodes for nodes, _ in fixed]), torch.arange(500))
 
 
 def test_synthetic_store_is_deterministic_homophilous_and_symmetric(tmp_path):
@@ -223,3 +223,41 @@ def test_layerwise_inference_refuses_quadratic_kernels(cora_store):
     _, path = cora_store
     with pytest.raises(ValueError, match="not 'sigmoid'"):
         layerwise_inference(DIFFormer(1433, 8, 7, kernel="sigmoid"), GraphStore.open(path))
+
+
+def test_seed_and_neighbour_batches_keep_locality_and_count_only_seeds(cora_store):
+    data, path = cora_store
+    store = GraphStore.open(path)
+    builder = BatchBuilder(path, fanout=5)
+    seeds = store.train_idx[:40]
+    batch = builder[seeds, 123]
+    again = builder[seeds, 123]
+    assert torch.equal(batch.n_id, again.n_id)  # sampling is a function of the batch seed
+    is_seed = torch.isin(batch.n_id, seeds)
+    assert int(is_seed.sum()) == 40 and batch.n_id.numel() > 40
+    assert torch.equal(batch.train_mask, is_seed)  # only seeds count (all 40 are training nodes)
+    assert not (batch.val_mask | batch.test_mask).any()
+    # every other node is an in-neighbour of some seed
+    neighbours = set(data.edge_index[0][torch.isin(data.edge_index[1], seeds)].tolist())
+    assert set(batch.n_id[~is_seed].tolist()) <= neighbours
+    expected, _ = subgraph(batch.n_id, data.edge_index, relabel_nodes=True, num_nodes=2708)
+    assert edge_set(batch.edge_index) == edge_set(expected)
+    # seeds keep a large share of their in-edges; a random batch of the same size keeps ~size/N
+    seed_in = torch.isin(batch.edge_index[1], is_seed.nonzero().flatten()).sum().item()
+    degree = (store.rowptr[seeds + 1] - store.rowptr[seeds]).sum().item()
+    assert seed_in / degree > 0.4 and seed_in / degree > 4 * batch.n_id.numel() / 2708
+
+
+def test_neighbour_mode_trains_on_training_seeds_and_evaluates_every_node_once(cora_store):
+    _, path = cora_store
+    module = RandomPartitionDataModule(str(path), batch_size=50, eval_batch_size=700, num_workers=0, fanout=4)
+    module.setup("fit")
+    train_batches = list(module.train_dataloader())
+    assert len(train_batches) == 3  # 140 training seeds in batches of at most 50
+    assert sum(int(b.train_mask.sum()) for b in train_batches) == 140
+    assert sum(int(b.val_mask.sum()) for b in train_batches) == 0
+    val_batches = list(module.val_dataloader())
+    assert sum(int(b.val_mask.sum()) for b in val_batches) == 500
+    assert sum(int(b.test_mask.sum()) for b in val_batches) == 1000
+    with pytest.raises(ValueError, match="fanout must be >= 0"):
+        RandomPartitionDataModule(str(path), fanout=-1)
