@@ -30,28 +30,57 @@ def contextual_sbm(num_nodes: int, num_classes: int, num_features: int, avg_degr
 
 
 class ClassSampler:
-    """Draws node pairs whose second end shares the first end's class with probability ``homophily``."""
+    """Draws node pairs whose second end shares the first end's class with probability ``homophily``.
 
-    def __init__(self, y: Tensor, num_classes: int) -> None:
+    Nodes are drawn uniformly, or, given ``weight``, with probability proportional to it
+    (a heavy-tailed weight gives a power-law degree distribution), by inverse CDF over the
+    nodes sorted by class, so a draw restricted to one class is a search in its segment.
+    """
+
+    def __init__(self, y: Tensor, num_classes: int, weight: Optional[Tensor] = None) -> None:
         self.y = y
-        self.by_class = torch.argsort(y)  # a random member of class c is by_class[offset[c] + u * count[c]]
+        self.by_class = torch.argsort(y, stable=True)
         self.counts = torch.bincount(y, minlength=num_classes)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.cumulative = None
+        if weight is not None:
+            self.cumulative = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                         torch.cumsum(weight[self.by_class].double(), 0)])
+
+    def _draw(self, start: Tensor, count: Tensor, generator: torch.Generator) -> Tensor:
+        """One node from each segment ``by_class[start:start + count]``."""
+        u = torch.rand(start.numel(), generator=generator, dtype=torch.float64)
+        if self.cumulative is None:
+            position = start + (u * count).long()
+        else:
+            low, high = self.cumulative[start], self.cumulative[start + count]
+            position = torch.searchsorted(self.cumulative, low + u * (high - low), right=True) - 1
+            position = torch.minimum(torch.maximum(position, start), start + count - 1)
+        return self.by_class[position]
 
     def pairs(self, num_pairs: int, homophily: float, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-        num_nodes = self.y.numel()
-        source = torch.randint(num_nodes, (num_pairs,), generator=generator)
+        everywhere = (torch.zeros(num_pairs, dtype=torch.long), torch.full((num_pairs,), self.y.numel()))
+        source = self._draw(*everywhere, generator)
         source_class = self.y[source]
-        within = (torch.rand(num_pairs, generator=generator) * self.counts[source_class]).long()
-        same_class = self.by_class[self.offsets[source_class] + within]
-        anywhere = torch.randint(num_nodes, (num_pairs,), generator=generator)
+        same_class = self._draw(self.offsets[source_class], self.counts[source_class], generator)
+        anywhere = self._draw(*everywhere, generator)
         target = torch.where(torch.rand(num_pairs, generator=generator) < homophily, same_class, anywhere)
         return source, target
 
 
+def pareto_weights(num_nodes: int, exponent: float, generator: torch.Generator) -> Tensor:
+    """Node propensities with tail P(w > t) = t^-(exponent - 1): drawing edge ends in proportion
+    to them gives degrees with a power-law tail of that exponent."""
+    if exponent <= 2.0:
+        raise ValueError(f"degree_exponent must be above 2 (finite mean degree), got {exponent}")
+    u = torch.rand(num_nodes, generator=generator, dtype=torch.float64)
+    return (1.0 - u).pow(-1.0 / (exponent - 1.0))
+
+
 def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: int = 10, num_features: int = 64,
                           avg_degree: float = 10.0, homophily: float = 0.6, feature_signal: float = 0.2,
-                          split: Tuple[float, float, float] = (0.5, 0.25, 0.25), seed: int = 0,
+                          degree_exponent: Optional[float] = None, split: Tuple[float, float, float] = (0.5, 0.25, 0.25),
+                          seed: int = 0,
                           feature_dtype=np.float16, chunk: int = 1 << 22, overwrite: bool = False) -> Path:
     """The contextual SBM of :func:`contextual_sbm`, written straight into a graph store.
 
@@ -59,13 +88,15 @@ def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: i
     per chunk, so the CSR writer's two passes regenerate the same chunks instead of holding
     them. Peak memory is O(N) (labels, write cursors) plus one chunk. Every undirected pair
     is stored in both directions; self loops are dropped, and repeated pairs (rare: about
-    avg_degree / N per pair) are kept as they are drawn. A random ``split`` of the nodes
-    (train, val, test fractions) is stored.
+    avg_degree / N per pair) are kept as they are drawn. ``degree_exponent`` (e.g. 2.5) draws
+    edge ends in proportion to Pareto propensities for a power-law degree tail; ``None`` keeps
+    degrees Poisson-like. A random ``split`` of the nodes (train, val, test fractions) is stored.
     """
     generator = torch.Generator().manual_seed(seed)
     y = torch.randint(num_classes, (num_nodes,), generator=generator)
     means = torch.randn(num_classes, num_features, generator=generator)
-    sampler = ClassSampler(y, num_classes)
+    weight = pareto_weights(num_nodes, degree_exponent, generator) if degree_exponent is not None else None
+    sampler = ClassSampler(y, num_classes, weight)
     num_pairs = int(num_nodes * avg_degree / 2)
 
     def edge_chunks():
@@ -92,7 +123,7 @@ def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: i
         write_nodes(writer, feature_chunks(), num_nodes, num_features, feature_dtype, y.numpy().astype(np.int32),
                     splits)
         return writer.commit(num_classes, generator="contextual_sbm", avg_degree=avg_degree, homophily=homophily,
-                             feature_signal=feature_signal, seed=seed)
+                             feature_signal=feature_signal, degree_exponent=degree_exponent, seed=seed)
 
 
 class SyntheticCSBMDataModule(NodeDataModule):

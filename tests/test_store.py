@@ -261,3 +261,19 @@ def test_neighbour_mode_trains_on_training_seeds_and_evaluates_every_node_once(c
     assert sum(int(b.test_mask.sum()) for b in val_batches) == 1000
     with pytest.raises(ValueError, match="fanout must be >= 0"):
         RandomPartitionDataModule(str(path), fanout=-1)
+
+
+def test_power_law_option_gives_a_heavy_degree_tail(tmp_path):
+    uniform = GraphStore.open(write_synthetic_store(tmp_path / "u", 50_000, avg_degree=10, seed=1))
+    heavy = GraphStore.open(write_synthetic_store(tmp_path / "p", 50_000, avg_degree=10, degree_exponent=2.5, seed=1))
+    for store in (uniform, heavy):
+        assert abs(store.num_edges / 50_000 - 10) < 0.3
+    max_uniform = int((uniform.rowptr[1:] - uniform.rowptr[:-1]).max())
+    degree = (heavy.rowptr[1:] - heavy.rowptr[:-1]).double()
+    assert max_uniform < 40 and degree.max() > 500  # Poisson(10) tops out near 30; a power law does not
+    # tail exponent from the survival function: P(D >= d) ~ d^-(2.5 - 1) between degrees 30 and 300
+    slope = (torch.log((degree >= 300).double().mean()) - torch.log((degree >= 30).double().mean())) / torch.log(
+        torch.tensor(10.0))
+    assert -1.9 < slope < -1.1
+    with pytest.raises(ValueError, match="degree_exponent must be above 2"):
+        write_synthetic_store(tmp_path / "bad", 100, degree_exponent=1.5)
