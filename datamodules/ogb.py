@@ -6,6 +6,7 @@ with pandas in chunks; binary ones (papers100M: ``raw/data.npz``) are streamed m
 out of the zip archive. Two passes over the edges (degrees, then placement) keep memory at
 O(N) plus one chunk.
 """
+import gzip
 import zipfile
 from itertools import chain
 from pathlib import Path
@@ -122,9 +123,13 @@ class _Raw:
                 yield source, target
 
     def node_features(self) -> Iterator[np.ndarray]:
+        """Feature rows in chunks of about ``chunk`` values (not rows: papers100M has 128 per row)."""
         if self.binary:
-            return _npz_rows(self.raw / "data.npz", "node_feat", self.chunk)
-        return _csv_chunks(self.raw / "node-feat.csv.gz", self.chunk, np.float32)
+            columns = _npz_shape(self.raw / "data.npz", "node_feat")[1]
+            return _npz_rows(self.raw / "data.npz", "node_feat", max(1, self.chunk // columns))
+        with gzip.open(self.raw / "node-feat.csv.gz", "rt") as handle:
+            columns = handle.readline().count(",") + 1
+        return _csv_chunks(self.raw / "node-feat.csv.gz", max(1, self.chunk // columns), np.float32)
 
     def labels(self) -> Iterator[np.ndarray]:
         if self.binary:
@@ -158,7 +163,7 @@ def _mean_incoming_edge_features(raw: _Raw) -> np.ndarray:
 
 def write_store_from_ogb(name: str, out: Union[str, Path], root: Optional[Union[str, Path]] = None,
                          meta_dict: Optional[dict] = None, undirected: Optional[bool] = None,
-                         feature_dtype=np.float16, chunk: int = 1 << 20, overwrite: bool = False) -> Path:
+                         feature_dtype=np.float16, chunk: int = 1 << 22, overwrite: bool = False) -> Path:
     """Converts an OGB node dataset into a graph store at ``out``.
 
     ``root`` is the dataset folder (holding ``raw/`` and ``split/``), by default
@@ -168,6 +173,7 @@ def write_store_from_ogb(name: str, out: Union[str, Path], root: Optional[Union[
     (NaN) labels; several binary tasks (ogbn-proteins) become a uint8 ``[N, T]`` multi-label
     target. Edges are stored with their inverses where OGB adds them (``add_inverse_edge``);
     ``undirected`` overrides that (``True`` symmetrises ogbn-papers100M's citation edges).
+    ``chunk`` bounds the edges, labels or feature values read at once.
     """
     from .base import data_root
 
