@@ -5,6 +5,7 @@ batch carries its nodes' features, labels, split masks and the subgraph they ind
 built from the store's CSR by gathering only its own nodes' neighbour lists, so one epoch costs
 O(E) in total, where the reference scheme scans the whole edge list for every batch.
 """
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -12,11 +13,16 @@ from typing import Iterator, Optional, Tuple
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch_geometric.typing
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch_geometric.data import Data
 
 from .store import SPLIT_CODES, GraphStore, StoreError
+
+
+# pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off (tests compare both paths).
+USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
 
 
 def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optional["NodeBitmap"] = None) -> Tensor:
@@ -26,7 +32,18 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optiona
     O(sum of their in-degrees) for the gather and the membership test (a bitmap of N bits),
     plus a log(batch) search for the few neighbours that fall inside the batch. Nothing of
     size N is allocated per call, so it works on a memory-mapped CSR of any size.
+
+    pyg-lib's ``sampler.subgraph`` does the same in C++ and is used when installed, but it
+    requires ``rowptr`` and ``col`` of one dtype: stores keep ``col`` in int32 to halve their
+    largest array, so on those the pure-torch path below runs (edge order may differ between
+    the two paths; the edge sets are equal).
     """
+    if USE_PYG_LIB and rowptr.dtype == col.dtype:
+        import pyg_lib
+
+        sub_rowptr, sub_col, _ = pyg_lib.sampler.subgraph(rowptr, col, nodes.to(rowptr.dtype), False)
+        target = torch.repeat_interleave(torch.arange(nodes.numel()), sub_rowptr[1:] - sub_rowptr[:-1])
+        return torch.stack([sub_col.long(), target])
     member = member if member is not None else NodeBitmap(rowptr.numel() - 1)
     starts = rowptr[nodes]
     counts = rowptr[nodes + 1] - starts

@@ -277,3 +277,19 @@ def test_power_law_option_gives_a_heavy_degree_tail(tmp_path):
     assert -1.9 < slope < -1.1
     with pytest.raises(ValueError, match="degree_exponent must be above 2"):
         write_synthetic_store(tmp_path / "bad", 100, degree_exponent=1.5)
+
+
+@pytest.mark.skipif(not __import__("torch_geometric").typing.WITH_PYG_LIB,
+                    reason="pyg-lib is not installed: only the pure-torch subgraph path can run here")
+def test_pyg_lib_and_pure_torch_paths_give_identical_batches(cora_store, monkeypatch):
+    import datamodules.partition as partition
+
+    _, path = cora_store
+    store = GraphStore.open(path)
+    rowptr, col = store.rowptr, store.col.long()  # pyg-lib needs one dtype for rowptr and col
+    for seed in range(3):
+        nodes = torch.randperm(2708, generator=torch.Generator().manual_seed(seed))[:700].sort().values
+        monkeypatch.setattr(partition, "USE_PYG_LIB", True)
+        fast = induced_subgraph(rowptr, col, nodes)
+        monkeypatch.setattr(partition, "USE_PYG_LIB", False)
+        assert edge_set(fast) == edge_set(induced_subgraph(rowptr, col, nodes))
