@@ -13,14 +13,13 @@ PUBLISHED = {"cora_s": "85.9 +- 0.4", "cora_a": "84.1 +- 0.6", "cora_gcn": "81.5
 
 
 def main(paths) -> None:
-    print("| preset | ours: test acc at best val (%) | runs | s/run | paper |")
-    print("|---|---|---|---|---|")
+    print("| preset | ours: test acc at best val (%) | runs (seeds 0..4) | paper |")
+    print("|---|---|---|---|")
     for path in sorted(paths):
         result = json.loads(Path(path).read_text())
         name = Path(result["config"]).stem
         runs = ", ".join(f"{r:.1f}" for r in result["runs"])
-        print(f"| `{name}` | {result['mean']:.2f} +- {result['std']:.2f} | {runs} | {result['seconds_per_run']:.0f} "
-              f"| {PUBLISHED.get(name, 'n/a')} |")
+        print(f"| `{name}` | {result['mean']:.2f} +- {result['std']:.2f} | {runs} | {PUBLISHED.get(name, 'n/a')} |")
 
 
 if __name__ == "__main__":
