@@ -21,7 +21,7 @@ from torch_geometric.data import Data
 from .store import SPLIT_CODES, GraphStore, StoreError
 
 
-# pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off (tests compare both paths).
+# pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off.
 USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
 
 
@@ -31,7 +31,8 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optiona
     ``nodes`` must be sorted and unique. Reads only the CSR rows of ``nodes``: cost
     O(sum of their in-degrees) for the gather and the membership test (a bitmap of N bits),
     plus a log(batch) search for the few neighbours that fall inside the batch. Nothing of
-    size N is allocated per call, so it works on a memory-mapped CSR of any size.
+    size N is allocated per call (pass ``member``, an N-bit bitmap reused across calls, as
+    :class:`BatchBuilder` does), so it works on a memory-mapped CSR of any size.
 
     pyg-lib's ``sampler.subgraph`` does the same in C++ and is used when installed, but it
     requires ``rowptr`` and ``col`` of one dtype: stores keep ``col`` in int32 to halve their
