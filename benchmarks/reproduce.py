@@ -1,6 +1,6 @@
 """Trains a preset with seeds 0..runs-1 and reports the test metric at the best validation epoch.
 
-    python benchmarks/reproduce.py --config configs/cora_s.yaml --runs 5 --out results/cora_s.json
+    python benchmarks/reproduce.py --config configs/cora_s.yaml --runs 5 --out results/reproduce/cora_s.json
 
 Writes ``{"metric", "mean", "std", "runs", ...}`` (percent) and prints the same. Any further
 arguments go to ``train.py fit`` unchanged (for example ``--trainer.max_epochs 50``).

@@ -1,6 +1,6 @@
 """Prints the Markdown table of benchmarks/reproduce.py results, with the published numbers beside them.
 
-    python benchmarks/table.py results/*.json
+    python benchmarks/table.py results/reproduce/*.json
 """
 import json
 import sys
