@@ -102,7 +102,7 @@ def main() -> None:
         results = [run(store_path, mode, args) for mode in ("random_partition", "seed_neighbors")]
         nodes = GraphStore.open(store_path).num_nodes
     write_json_atomic(args.out, {"store": args.store, "num_nodes": nodes, "epochs": args.epochs, "results": results})
-    print(f"| mode | batch | fanout | loss-node in-edges kept | test@best val, full-graph inference | own eval |")
+    print("| mode | batch | fanout | loss-node in-edges kept | test@best val, full-graph inference | own eval |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['batch']} | {r['fanout']} | {r['loss_node_edges_kept']:.3f} "

@@ -1,7 +1,6 @@
 """Cora, CiteSeer and PubMed with the reference's protocol."""
 from typing import Literal, Optional
 
-import torch
 from torch_geometric.data import Data
 from torch_geometric.datasets import Planetoid
 from torch_geometric.transforms import NormalizeFeatures
