@@ -4,12 +4,27 @@ A LightningCLI over :class:`NodeClassifier` and any LightningDataModule that exp
 ``num_features``, ``num_classes`` and ``multilabel`` (every module in ``datamodules``).
 The encoder's input and output sizes and the task come from the data, so a config only
 chooses the dataset, the encoder's hyperparameters and the Trainer's options.
+
+A run lives in ``runs/<config name>/`` (``--trainer.default_root_dir`` moves it): CSV logs
+under ``logs/``, checkpoints under ``checkpoints/`` (``last.ckpt`` and the best; options under
+``--checkpoint.*``), so ``fit --ckpt_path last`` resumes an interrupted run exactly.
 """
+import os
+from pathlib import Path
+
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks import Checkpoint, NonFiniteGuard
 from difformer_lightning import NodeClassifier
+from difformer_lightning.checkpoint import check_checkpoint_file
+
+RUNS = "runs"
+# ckpt_path values Lightning resolves itself ("last": newest last*.ckpt in the checkpoint folder,
+# or a fresh start with a warning when there is none yet, so a requeued job can always pass it).
+NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 
 def _task(multilabel: bool) -> str:
@@ -21,6 +36,37 @@ class DIFFormerCLI(LightningCLI):
         parser.link_arguments("data.num_features", "model.encoder.init_args.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.encoder.init_args.out_channels", apply_on="instantiate")
         parser.link_arguments("data.multilabel", "model.task", compute_fn=_task, apply_on="instantiate")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+
+    def before_instantiate_classes(self) -> None:
+        # Everything here is checked or decided before any data is loaded or a process started.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.default_root_dir == RUNS and config.get("config"):
+            trainer.default_root_dir = str(Path(RUNS) / Path(str(config.config[-1])).stem)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if trainer.logger is None or trainer.logger is True:
+            trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                              "init_args": {"save_dir": trainer.default_root_dir, "name": "logs"}}
+        check_devices(trainer.accelerator, trainer.devices)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the model's hyperparameters from an explicit checkpoint file
+        # (they then replace the configured ones), so a bad file fails here with a clear message.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and ckpt_path not in NAMED_CHECKPOINTS:
+            check_checkpoint_file(ckpt_path)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # --trainer.enable_checkpointing false turns the always-present Checkpoint off, instead of
+        # Lightning refusing the combination.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [callback for callback in callbacks if not isinstance(callback, Checkpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         model = self.model
@@ -28,10 +74,29 @@ class DIFFormerCLI(LightningCLI):
                        f"test@best_val {float(model.test_at_best_val):.4f}")
 
 
+def check_devices(accelerator, devices) -> None:
+    """Raises a ``ValueError`` when ``--trainer.devices`` asks for more than this machine has."""
+    if isinstance(devices, str) and devices != "auto" and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    accelerator = str(accelerator)
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if uses_gpu:
+        available, unit = torch.cuda.device_count(), "GPUs"
+    elif accelerator in ("cpu", "auto"):
+        available, unit = os.cpu_count() or 1, "CPU cores (one process each)"
+    else:
+        return
+    wanted = max(devices) + 1 if isinstance(devices, (list, tuple)) else devices
+    if isinstance(wanted, int) and wanted > available:
+        raise ValueError(f"--trainer.devices {devices} asks for {wanted} {unit.split(' ')[0]} devices but this "
+                         f"machine has {available} {unit}; use --trainer.devices {available} or fewer "
+                         f"(-1 takes all of them)")
+
+
 def main(args=None, **kwargs) -> DIFFormerCLI:
     # Runs write under ./runs (logs, checkpoints, the resolved config.yaml), never into the
     # source tree; a rerun overwrites the config it saved rather than refusing to start.
-    kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+    kwargs.setdefault("trainer_defaults", {"default_root_dir": RUNS})
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return DIFFormerCLI(NodeClassifier, LightningDataModule, subclass_mode_data=True, args=args, **kwargs)
 

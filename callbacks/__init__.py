@@ -1,5 +1,10 @@
 """Callbacks a long DIFFormer run needs beside the model."""
+from .checkpoint import Checkpoint
+from .energy import Energy, diffusion_energy, local_energy, pairwise_energy
 from .memory import Memory, process_memory_mb
+from .non_finite import NonFiniteError, NonFiniteGuard
+from .partition_stats import PartitionStats
 from .throughput import Throughput
 
-__all__ = ["Memory", "Throughput", "process_memory_mb"]
+__all__ = ["Checkpoint", "Energy", "Memory", "NonFiniteError", "NonFiniteGuard", "PartitionStats", "Throughput",
+           "diffusion_energy", "local_energy", "pairwise_energy", "process_memory_mb"]

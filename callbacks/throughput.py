@@ -8,7 +8,7 @@ class Throughput(pl.Callback):
     """Logs, every training epoch, ``throughput/nodes_per_s``, ``throughput/batches_per_s`` and
     ``throughput/data_wait_fraction``: the time between one step's end and the next step's start
     (the loader producing the batch, plus Lightning's bookkeeping) over the epoch's wall time.
-    Nodes per second also shows in the progress bar.
+    The progress bar shows the epoch's running ``nodes/s``.
     """
 
     def on_train_epoch_start(self, trainer, module) -> None:
@@ -23,9 +23,11 @@ class Throughput(pl.Callback):
         self._last_end = time.perf_counter()
         self._nodes += int(batch.num_nodes)
         self._batches += 1
+        running = self._nodes / max(self._last_end - self._epoch_start, 1e-9)
+        module.log("nodes/s", running, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         elapsed = max(self._last_end - self._epoch_start, 1e-9)
-        module.log("throughput/nodes_per_s", self._nodes / elapsed, prog_bar=True, sync_dist=True)
+        module.log("throughput/nodes_per_s", self._nodes / elapsed, sync_dist=True)
         module.log("throughput/batches_per_s", self._batches / elapsed, sync_dist=True)
         module.log("throughput/data_wait_fraction", self._wait / elapsed, sync_dist=True)

@@ -1,7 +1,7 @@
 """Full-batch node-level data, and the contract for plugging in a new dataset."""
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -79,6 +79,24 @@ class NodeDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.data  # noqa: B018  loads and validates before any training work
+
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint records about this data, to refuse resuming on other data."""
+        data = self.data
+        return {"dataset": type(self).__name__, "num_nodes": data.num_nodes, "num_edges": data.num_edges,
+                "num_features": data.num_features, "num_classes": self.num_classes}
+
+    def state_dict(self) -> Dict[str, object]:
+        # "data" is what NodeClassifier compares when it loads a checkpoint (checkpoint.check_compatible)
+        return {"data": self.describe()}
+
+    def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
+        """The whole graph, or the subgraph induced by ``num_nodes`` fixed random nodes if smaller."""
+        data = self.data
+        if num_nodes >= data.num_nodes:
+            return data
+        nodes = torch.randperm(data.num_nodes, generator=torch.Generator().manual_seed(seed))[:num_nodes]
+        return data.subgraph(torch.sort(nodes).values)
 
     def _loader(self) -> DataLoader:
         # One batch per epoch: the whole graph. batch_size=None hands the Data through as is.

@@ -8,7 +8,7 @@ O(E) in total, where the reference scheme scans the whole edge list for every ba
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -132,8 +132,12 @@ class BatchBuilder(Dataset):
             counted = seeds[slot] == nodes
         code = store.split[nodes]
         y = store.y[nodes]
+        # In-edges of the batch's nodes in the whole graph: callbacks.PartitionStats divides the
+        # batch's edges by it to report how much of the graph a batch keeps.
+        graph_in_edges = int((store.rowptr[nodes + 1] - store.rowptr[nodes]).sum())
         return Data(x=store.x[nodes].float(), y=y.float() if store.multilabel else y.long(),
                     edge_index=induced_subgraph(store.rowptr, store.col, nodes, self._member), n_id=nodes,
+                    graph_in_edges=graph_in_edges,
                     **{f"{name}_mask": (code == value) & counted for name, value in SPLIT_CODES.items()})
 
     def __len__(self) -> int:
@@ -148,11 +152,16 @@ class PartitionSampler(DistributedSampler):
     ``nodes``), new every epoch; the batch seed drives any sampling inside the batch.
 
     The permutation comes from a generator seeded with ``(seed, epoch)``, never from the
-    global RNG, so every rank derives the same one. The nodes are cut into ``k * world``
-    batches of near-equal size (at most ``batch_size``) and rank ``r`` takes batches
-    ``r, r + world, ...``: every rank gets exactly ``k`` batches and every node is used once
-    per epoch, so no rank waits at a last batch the others do not have. It subclasses
-    ``DistributedSampler`` so Lightning leaves it in place and calls :meth:`set_epoch`.
+    global RNG, so every rank derives the same one. For training (``shuffle``) the nodes are
+    cut into ``k * world`` batches of near-equal size (at most ``batch_size``) and rank ``r``
+    takes batches ``r, r + world, ...``: every rank gets exactly ``k`` batches and every node
+    is used once per epoch, so no rank waits at a last batch the others do not have. For
+    evaluation (``shuffle=False``) the consecutive ids are cut into ``ceil(N / batch_size)``
+    batches whatever the number of ranks (ranks may differ by one batch, harmless without
+    gradients), so metrics summed over ranks equal a single-process evaluation.
+    :meth:`resume` starts the next pass over an epoch part-way, for an exact mid-epoch resume.
+    It subclasses ``DistributedSampler`` so Lightning leaves it in place and calls
+    :meth:`set_epoch`.
     """
 
     def __init__(self, num_nodes: int, batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -166,11 +175,13 @@ class PartitionSampler(DistributedSampler):
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.num_nodes, self.batch_size, self.seed, self.shuffle = num_nodes, batch_size, seed, shuffle
         self.epoch, self.drop_last = 0, False
-        per_rank = -(-num_nodes // batch_size)  # ceil
-        self.batches_per_rank = -(-per_rank // self.num_replicas)
-        if self.batches_per_rank * self.num_replicas > num_nodes:
-            raise ValueError(f"{num_nodes} nodes cannot fill {self.batches_per_rank} batches on each of "
-                             f"{self.num_replicas} ranks")
+        self._skip: Optional[Tuple[int, int]] = None
+        self.total_batches = -(-num_nodes // batch_size)  # ceil
+        if shuffle:
+            self.total_batches = -(-self.total_batches // self.num_replicas) * self.num_replicas
+            if self.total_batches > num_nodes:
+                raise ValueError(f"{num_nodes} nodes cannot fill {self.total_batches // self.num_replicas} batches "
+                                 f"on each of {self.num_replicas} ranks")
 
     def _epoch_seed(self) -> int:
         return self.seed * 1_000_003 + self.epoch
@@ -180,17 +191,32 @@ class PartitionSampler(DistributedSampler):
                  if self.shuffle else torch.arange(self.num_nodes))
         return self.nodes[order] if self.nodes is not None else order
 
+    def _indices(self) -> range:
+        return range(self.rank, self.total_batches, self.num_replicas)
+
     def __iter__(self) -> Iterator[Tuple[Tensor, int]]:
-        total = self.batches_per_rank * self.num_replicas
-        batches = torch.tensor_split(self.permutation(), total)
-        for index in range(self.rank, total, self.num_replicas):
+        indices = self._indices()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1]:]
+        self._skip = None
+        batches = torch.tensor_split(self.permutation(), self.total_batches)
+        for index in indices:
             yield batches[index], self._epoch_seed() * 65_537 + index
 
     def __len__(self) -> int:
-        return self.batches_per_rank
+        return len(self._indices())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, position: int) -> None:
+        """Moves to ``epoch``; its next pass skips this rank's first ``position`` batches.
+
+        The epoch is set here, not left to Lightning's ``set_epoch``: Lightning creates the
+        first iterator of a resumed fit (and its DataLoader workers start drawing requests)
+        before it sets the epoch.
+        """
+        self.epoch, self._skip = epoch, (epoch, position)
 
 
 class RandomPartitionDataModule(pl.LightningDataModule):
@@ -217,6 +243,8 @@ class RandomPartitionDataModule(pl.LightningDataModule):
         self.batch_size, self.seed, self.num_workers, self.fanout = batch_size, seed, num_workers, fanout
         self.eval_batch_size = eval_batch_size or batch_size
         self._store: Optional[GraphStore] = None
+        self._train_sampler: Optional[PartitionSampler] = None
+        self._resume_at: Optional[Tuple[int, int]] = None
 
     @property
     def store(self) -> GraphStore:
@@ -250,11 +278,55 @@ class RandomPartitionDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.store  # noqa: B018  opens and validates before any training work
 
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint records about this data, to refuse resuming on other data."""
+        store = self.store
+        return {"dataset": type(self).__name__, "num_nodes": store.num_nodes, "num_edges": store.num_edges,
+                "num_features": store.num_features, "num_classes": store.num_classes,
+                "batch_size": self.batch_size, "seed": self.seed, "fanout": self.fanout}
+
+    def state_dict(self) -> Dict[str, object]:
+        """The position in the training partition: the epoch and how many of this epoch's batches
+        the training loop has finished (taken from the loop: DataLoader workers draw ahead)."""
+        sampler, epoch, position = self._train_sampler, 0, 0
+        if sampler is not None:
+            epoch = sampler.epoch
+            if self._trainer is not None:
+                position = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if position >= len(sampler):
+                epoch, position = epoch + 1, 0
+        world_size = sampler.num_replicas if sampler is not None else 1
+        return {"epoch": epoch, "position": position, "world_size": world_size, "data": self.describe()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        # The data itself was compared by NodeClassifier.on_load_checkpoint (checkpoint.check_compatible).
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if fitting and state["position"] > 0 and state["world_size"] != world_size:
+            raise ValueError(f"the checkpoint was written mid-epoch by {state['world_size']} ranks and this run has "
+                             f"{world_size}: the epoch's batches differ between the two, so it cannot continue "
+                             f"exactly. Resume with {state['world_size']} devices, or from an end-of-epoch checkpoint.")
+        self._resume_at = (int(state["epoch"]), int(state["position"]))
+
+    def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
+        """A fixed batch of ``num_nodes`` random nodes with their induced subgraph."""
+        num_nodes = min(num_nodes, self.store.num_nodes)
+        nodes = torch.randperm(self.store.num_nodes, generator=torch.Generator().manual_seed(seed))[:num_nodes]
+        return BatchBuilder(self.path)[(nodes, seed)]
+
     def _loader(self, batch_size: int, shuffle: bool, seeds: Optional[Tensor] = None) -> DataLoader:
         sampler = PartitionSampler(self.store.num_nodes, batch_size, self.seed, shuffle, nodes=seeds)
+        if shuffle:
+            self._train_sampler = sampler
+            if self._resume_at is not None:
+                sampler.resume(*self._resume_at)
+                self._resume_at = None
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        # An own generator: the DataLoader draws its worker base seed from it, not from the global
+        # RNG, whose state (dropout) a mid-epoch checkpoint restores.
         return DataLoader(BatchBuilder(self.path, self.fanout), sampler=sampler, batch_size=None,
-                          num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         if self.fanout == 0:

@@ -1,5 +1,5 @@
 """The DIFFormer encoder: an input block, L diffusion steps, an output map."""
-from typing import Optional
+from typing import List, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,15 +63,22 @@ class DIFFormer(nn.Module):
         ``edge_index`` [2, E] (messages ``edge_index[0] -> edge_index[1]``) and optional
         ``edge_weight`` [E] give the graph; self loops are added where missing.
         """
+        return self.lin_out(self.diffuse(x, edge_index, edge_weight)[-1])
+
+    def diffuse(self, x: Tensor, edge_index: Optional[Tensor] = None,
+                edge_weight: Optional[Tensor] = None) -> List[Tensor]:
+        """The states :math:`[h_0, h_1, \dots, h_L]` of the diffusion, each ``[N, hidden_channels]``
+        (what :class:`~callbacks.Energy` evaluates the energy on)."""
         graph = None
         if self.needs_graph:
             if edge_index is None:
                 raise ValueError("this DIFFormer uses the graph (use_graph=True or kernel 'gcn'/'gat') but no "
                                  "edge_index was given; pass one, or build the model with use_graph=False")
             graph = NormalizedGraph.build(edge_index, edge_weight, x.size(0), accumulation_dtype(x.dtype))
-        h = F.dropout(F.relu(self.norm_in(self.lin_in(x))), self.dropout, self.training)
+        states = [F.dropout(F.relu(self.norm_in(self.lin_in(x))), self.dropout, self.training)]
         for conv, norm in zip(self.convs, self.norms):
+            h = states[-1]
             update = conv(h, graph)
             h = self.alpha * update + (1.0 - self.alpha) * h if self.use_residual else update
-            h = F.dropout(norm(h), self.dropout, self.training)
-        return self.lin_out(h)
+            states.append(F.dropout(norm(h), self.dropout, self.training))
+        return states

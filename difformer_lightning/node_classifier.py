@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
-from torchmetrics import AUROC, Accuracy, Metric
+from torchmetrics import AUROC, Accuracy, MeanMetric, Metric
 
+from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
 from .model import DIFFormer
 
 SPLITS = ("train", "val", "test")
@@ -25,6 +26,10 @@ class NodeClassifier(pl.LightningModule):
     Every validation epoch evaluates train, validation and test nodes in eval mode and logs
     ``{split}/{metric}``; ``test@best_val`` is the test metric at the epoch of the best
     validation metric so far (the reference's model selection), kept in the checkpoint.
+
+    Checkpoints resume exactly, also mid-epoch: they hold every rank's random-number state
+    (dropout) and the running mean of the epoch's training loss; loading one whose model or
+    hyperparameters differ raises a ``ValueError`` naming the difference.
     """
 
     def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
@@ -46,6 +51,10 @@ class NodeClassifier(pl.LightningModule):
         self.metrics = nn.ModuleDict({f"{split}_metric": self._make_metric(task, metric) for split in SPLITS})
         self.register_buffer("best_val", torch.tensor(float("-inf")))
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
+        # Persistent, so a mid-epoch checkpoint carries the epoch's partial mean and a resumed
+        # run logs the same epoch loss as an uninterrupted one; synchronised over ranks.
+        self.train_loss = MeanMetric()
+        self.train_loss.persistent(True)
 
     def _make_metric(self, task: str, metric: str) -> Metric:
         num_outputs = self.encoder.lin_out.out_features
@@ -76,7 +85,8 @@ class NodeClassifier(pl.LightningModule):
             # parameter keeps DDP's gradient all-reduce in step across ranks.
             return logits.sum() * 0.0
         loss = self._loss(logits[mask], batch.y[mask])
-        self.log("train/loss", loss, batch_size=int(mask.sum()), on_step=False, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=mask.sum())
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _update_metrics(self, batch: Data, splits) -> None:
@@ -112,6 +122,19 @@ class NodeClassifier(pl.LightningModule):
 
     def predict_step(self, batch: Data, batch_idx: int) -> Tensor:
         return self(batch)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = gather_rng_states(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning loads the weights: a mismatch is reported by name, not as a
+        # size-mismatch traceback; the dropout random state comes back only when resuming a fit.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = datamodule.describe() if hasattr(datamodule, "describe") else None
+        check_compatible(checkpoint, self.hparams, self.state_dict(), data, fitting)
+        if fitting and "rng_states" in checkpoint:
+            restore_rng_state(checkpoint["rng_states"], self.global_rank, self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

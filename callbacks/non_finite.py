@@ -1,0 +1,56 @@
+"""Stop at the first NaN or inf loss or gradient, before it reaches the weights."""
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or inf loss or gradient."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Raises :class:`NonFiniteError` when a step's loss or gradient holds a NaN or inf, before
+    the optimiser applies it: the weights and every checkpoint written so far stay finite, and
+    the message names the step and the last good checkpoint to resume from. Under DDP the ranks
+    agree first (a NaN on one rank stops all of them), so none is left waiting.
+    """
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._bad_loss: Optional[float] = None
+
+    def on_before_backward(self, trainer, module, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._bad_loss = float(loss.detach())
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        named = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+        bad_grads = []
+        if named:
+            finite = torch.stack([torch.isfinite(grad).all() for _, grad in named]).tolist()  # one device sync
+            bad_grads = [name for (name, _), ok in zip(named, finite) if not ok]
+        local = self._bad_loss is not None or bool(bad_grads)
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        where = (f"epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}, "
+                 f"optimizer step {trainer.global_step + 1}")
+        what = []
+        if self._bad_loss is not None:
+            what.append(f"loss {self._bad_loss}")
+        if bad_grads:
+            what.append(f"non-finite gradients in {', '.join(bad_grads[:5])}{' ...' if len(bad_grads) > 5 else ''}")
+        if not what:
+            what.append("a NaN or inf on another rank")
+        last = _last_checkpoint(trainer)
+        raise NonFiniteError(
+            f"training stopped at {where}: {'; '.join(what)}. The weights were not updated with it. "
+            + (f"Last good checkpoint: {last} (resume with --ckpt_path {last}). " if last else "No checkpoint was "
+               "saved yet. ")
+            + "Usual remedies: a lower learning rate, bf16-mixed instead of 16-mixed, gradient clipping "
+              "(--trainer.gradient_clip_val).")
+
+
+def _last_checkpoint(trainer) -> Optional[str]:
+    paths = [path for callback in trainer.checkpoint_callbacks
+             for path in (callback.last_model_path, callback.best_model_path) if path]
+    return paths[0] if paths else None

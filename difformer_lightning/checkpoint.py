@@ -1,0 +1,173 @@
+"""Checkpoints that survive a kill mid-write, name what does not match, and resume exactly."""
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+# Staging name inside the checkpoint folder. It must not contain "last": Lightning's
+# ``ckpt_path="last"`` picks the newest file whose name contains "last".
+INCOMPLETE_NAME = ".incomplete.tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not a checkpoint."""
+
+
+def check_checkpoint_file(path) -> None:
+    """Raises :class:`CheckpointError` unless ``path`` is a complete ``torch.save`` file.
+
+    Cheap for any size: a ``torch.save`` file is a zip archive whose directory is written
+    last, so a file cut short by a kill or a full disk has none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .ckpt file, or 'last' to resume "
+                              f"from the newest last.ckpt of the run's checkpoint folder")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({error}): a write cut short "
+                              f"(a kill, a full disk) leaves such a file. Resume from an earlier checkpoint.") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file in the checkpoint's own folder, ``fsync``, then
+    ``os.replace``: a kill at any moment leaves either the previous file or the new one.
+
+    Lightning's own save stages the file in the system temp folder and moves it, which across
+    file systems is a copy into the destination (a kill mid-copy truncates the previous good
+    checkpoint), and it first serialises the whole checkpoint into memory. Remote paths
+    (``s3://`` ...) keep Lightning's behaviour. Loading reports unreadable files by name.
+    """
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / INCOMPLETE_NAME
+        with open(staging, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
+
+    def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        if "://" not in str(path) and get_filesystem(path).exists(path):
+            check_checkpoint_file(path)
+        return super().load_checkpoint(path, map_location, weights_only)
+
+
+# What a data module's describe() must match for saved weights to apply at all, and what must
+# also match to continue a fit exactly (how the batches are drawn).
+DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_classes")
+DATA_TRAINING = ("batch_size", "seed", "fanout")
+
+
+def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
+                     state_dict: Mapping[str, torch.Tensor], data: Optional[Mapping[str, Any]] = None,
+                     fitting: bool = True) -> None:
+    """Raises a ``ValueError`` listing every way ``checkpoint`` differs from the run about to load it.
+
+    Compares the data (``data``: the current data module's ``describe()``, against the one its
+    ``state_dict()`` saved under ``"data"``), the hyperparameters and the parameter names and
+    shapes. Resuming a fit (``fitting``) compares all hyperparameters and how batches are drawn;
+    evaluating saved weights only the encoder and the data's identity.
+    """
+    differences = _data_differences(checkpoint, data, fitting) + _hparam_differences(checkpoint, hparams, fitting)
+    saved_weights = checkpoint.get("state_dict", {})
+    weights = [f"{name} {_shape(saved_weights.get(name))} -> {_shape(state_dict.get(name))}"
+               for name in sorted(saved_weights.keys() | state_dict.keys())
+               if _shape(saved_weights.get(name)) != _shape(state_dict.get(name))]
+    if weights:
+        differences.append(f"{len(weights)} weights differ (checkpoint -> this model): {', '.join(weights[:3])}"
+                           + (", ..." if len(weights) > 3 else ""))
+    if differences:
+        listed = "\n  ".join(differences[:12]) + ("\n  ..." if len(differences) > 12 else "")
+        raise ValueError(
+            f"the checkpoint does not match this run's configuration:\n  {listed}\n"
+            "(in_channels / out_channels come from the data.) Resume with the checkpoint's own configuration (the "
+            "config.yaml saved beside its logs), or start a new run in another --trainer.default_root_dir.")
+
+
+def _data_differences(checkpoint: Mapping[str, Any], data: Optional[Mapping[str, Any]], fitting: bool) -> List[str]:
+    saved = next((state["data"] for state in checkpoint.values()
+                  if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping)), None)
+    if data is None or saved is None:
+        return []
+    keys = DATA_IDENTITY + (DATA_TRAINING if fitting else ())
+    return [f"data.{key}: checkpoint {saved.get(key)!r}, this run {data.get(key)!r}"
+            for key in keys if saved.get(key) != data.get(key)]
+
+
+def _hparam_differences(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], fitting: bool) -> List[str]:
+    saved, current = _flatten(checkpoint.get("hyper_parameters", {})), _flatten(hparams)
+    # A module given as an object on either side (not as class path and arguments) cannot be
+    # compared field by field: the weight check covers it.
+    as_objects = {f"{key}." for values in (checkpoint.get("hyper_parameters", {}), hparams)
+                  for key, value in values.items() if isinstance(value, nn.Module)}
+    keys = sorted(key for key in (saved.keys() | current.keys()) - {"_instantiator"}
+                  if not key.startswith(tuple(as_objects)))
+    if not fitting:
+        keys = [key for key in keys if key.startswith("encoder.")]
+    missing = "<not set>"
+    return [f"model.{key}: checkpoint {saved.get(key, missing)!r}, this run {current.get(key, missing)!r}"
+            for key in keys if saved.get(key, missing) != current.get(key, missing)]
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Dotted keys for nested hyperparameters, without the ``init_args`` levels; modules given as
+    objects are left out."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, nn.Module):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix if key == "init_args" else f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shape(tensor: Optional[torch.Tensor]) -> str:
+    return "absent" if tensor is None else str(list(tensor.shape))
+
+
+def gather_rng_states(device: torch.device) -> List[Dict[str, torch.Tensor]]:
+    """The random-number state of every rank (CPU, and the rank's GPU), in rank order.
+
+    A collective under DDP: every rank must call it, as Lightning does when it saves.
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def restore_rng_state(states: List[Dict[str, torch.Tensor]], rank: int, device: torch.device) -> None:
+    """Sets this rank's random-number state from :func:`gather_rng_states`' list."""
+    if rank >= len(states):
+        rank_zero_warn(f"the checkpoint holds the random state of {len(states)} ranks, this run has more: dropout "
+                       "masks on the extra ranks will differ from an uninterrupted run")
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
