@@ -291,7 +291,7 @@ class RandomPartitionDataModule(pl.LightningDataModule):
         sampler, epoch, position = self._train_sampler, 0, 0
         if sampler is not None:
             epoch = sampler.epoch
-            if self._trainer is not None:
+            if self.trainer is not None:
                 position = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if position >= len(sampler):
                 epoch, position = epoch + 1, 0
@@ -300,8 +300,8 @@ class RandomPartitionDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         # The data itself was compared by NodeClassifier.on_load_checkpoint (checkpoint.check_compatible).
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        world_size = self.trainer.world_size if self._trainer is not None else 1
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        world_size = self.trainer.world_size if self.trainer is not None else 1
         if fitting and state["position"] > 0 and state["world_size"] != world_size:
             raise ValueError(f"the checkpoint was written mid-epoch by {state['world_size']} ranks and this run has "
                              f"{world_size}: the epoch's batches differ between the two, so it cannot continue "

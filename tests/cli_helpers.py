@@ -1,0 +1,33 @@
+"""Callbacks the subprocess tests add to train.py runs (``--trainer.callbacks+=cli_helpers.X``)."""
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+
+class StepPrinter(pl.Callback):
+    """Prints ``step <global step>`` after every training step, then sleeps ``pause`` seconds so a
+    test watching the output can kill the process part-way through an epoch."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        print(f"step {trainer.global_step}", flush=True)
+        time.sleep(self.pause)
+
+
+class BatchRecorder(pl.Callback):
+    """Writes ``<out_dir>/rank<r>.json``: the node ids of every training batch this rank saw, per epoch."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches.setdefault(str(trainer.current_epoch), []).append(batch.n_id.tolist())
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))

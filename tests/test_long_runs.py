@@ -1,0 +1,180 @@
+"""DDP, exact resume after SIGKILL, safe checkpoints, bf16: train.py run in subprocesses."""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.partition import BatchBuilder, PartitionSampler
+from datamodules.synthetic import write_synthetic_store
+from difformer_lightning import NodeClassifier
+from difformer_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_NODES = 1003  # not a multiple of any batch size used here
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("store") / "csbm", NUM_NODES, num_classes=3)
+
+
+def partition_config(tmp_path: Path, store: Path, batch_size: int, **checkpoint) -> Path:
+    lines = ["seed_everything: 0",
+             "model: {encoder: {hidden_channels: 16, num_layers: 2, kernel: simple, dropout: 0.2}, lr: 0.01}",
+             "data: {class_path: datamodules.RandomPartitionDataModule,",
+             f"       init_args: {{store: {store}, batch_size: {batch_size}, num_workers: 1}}}}",
+             "trainer: {max_epochs: 3, enable_progress_bar: false, enable_model_summary: false}"]
+    if checkpoint:
+        lines.append("checkpoint: {" + ", ".join(f"{k}: {v}" for k, v in checkpoint.items()) + "}")
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(*args, run_dir: Path, **popen):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    command = [sys.executable, str(ROOT / "train.py"), "fit", *args, "--trainer.default_root_dir", str(run_dir)]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, env=env, **popen)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def last_epoch_metrics(run_dir: Path) -> dict:
+    """The last epoch's logged values, over all log versions (a resumed run writes a new one)."""
+    values = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as file:
+            for row in csv.DictReader(file):
+                values.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v})
+    return values[max(values)]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, store):
+    config = partition_config(tmp_path, store, batch_size=130, every_n_train_steps="null")
+    run_dir = tmp_path / "ddp"
+    result = train("--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                   "--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0",
+                   "--trainer.callbacks+=cli_helpers.BatchRecorder", "--trainer.callbacks.out_dir",
+                   str(tmp_path / "batches"), run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "batches" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) == ["0", "1", "2"]
+    for epoch in ranks[0]:
+        counts = [len(rank[epoch]) for rank in ranks]
+        assert counts[0] == counts[1] == 4  # 1003 nodes / 130 -> 8 batches, 4 per rank, none left over
+        seen = [node for rank in ranks for batch in rank[epoch] for node in batch]
+        assert sorted(seen) == list(range(NUM_NODES))  # disjoint, and together every node once
+    assert ranks[0]["0"] != ranks[0]["1"]  # a new permutation every epoch
+
+    # The logged validation accuracy is the global one: recompute it in one process, by hand.
+    model = NodeClassifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt").eval()
+    builder = BatchBuilder(store)
+    correct, total, per_rank = 0, 0, [[0, 0], [0, 0]]
+    for index, (nodes, seed) in enumerate(PartitionSampler(NUM_NODES, 130, shuffle=False, num_replicas=1, rank=0)):
+        batch = builder[(nodes, seed)]
+        with torch.no_grad():
+            hits = (model(batch).argmax(dim=1) == batch.y)[batch.val_mask]
+        correct, total = correct + int(hits.sum()), total + hits.numel()
+        per_rank[index % 2][0] += int(hits.sum())
+        per_rank[index % 2][1] += hits.numel()
+    logged = last_epoch_metrics(run_dir)["val/acc"]
+    assert logged == pytest.approx(correct / total, abs=1e-6)
+    mean_of_ranks = sum(c / t for c, t in per_rank) / 2
+    assert abs(mean_of_ranks - correct / total) > 1e-4  # the test would notice per-rank averaging
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, store):
+    # 7 batches per epoch, 3 epochs; a checkpoint every 3 steps, so most fall mid-epoch.
+    config = partition_config(tmp_path, store, batch_size=150, every_n_train_steps=3)
+    reference = train("--config", str(config), run_dir=tmp_path / "uninterrupted")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    kill_at = int(os.environ.get("KILL_AT", 0)) or random.Random().randint(4, 18)  # after the first mid-epoch checkpoint (step 3)
+    run_dir = tmp_path / "killed"
+    process = train("--config", str(config), "--trainer.callbacks+=cli_helpers.StepPrinter",
+                    "--trainer.callbacks.pause", "0.2", run_dir=run_dir, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        if line.strip() == f"step {kill_at}" or time.monotonic() > deadline:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+
+    resumed = train("--config", str(config), "--ckpt_path", "last", run_dir=run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stderr + resumed.stdout, resumed.stderr
+    expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(run_dir)
+    assert expected.keys() == got.keys()
+    different = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert not different, f"killed at step {kill_at}: {different}"
+    assert last_epoch_metrics(run_dir) == last_epoch_metrics(tmp_path / "uninterrupted")
+
+
+def test_resume_with_another_configuration_names_the_difference(tmp_path, store):
+    config = partition_config(tmp_path, store, batch_size=150)
+    first = train("--config", str(config), "--trainer.max_epochs", "1", run_dir=tmp_path / "run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for args, names in ((["--model.encoder.init_args.num_layers", "3"], ["model.encoder.num_layers: checkpoint 2"]),
+                        (["--data.init_args.batch_size", "200"], ["data.batch_size: checkpoint 150, this run 200"])):
+        result = train("--config", str(config), "--ckpt_path", "last", *args, run_dir=tmp_path / "run")
+        assert result.returncode != 0
+        assert all(name in result.stderr for name in names), result.stderr[-2000:]
+        assert "Epoch" not in result.stdout
+
+
+def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"weights": torch.ones(3)}, path)
+
+    def dies_half_way(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # stands in for the kill
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["weights"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir() if "last" in p.name] == ["last.ckpt"]  # 'last' finds no partial
+
+
+def test_bad_checkpoint_paths_and_device_counts_fail_before_work(tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="truncated"):
+        check_checkpoint_file(truncated)
+    synthetic = str(ROOT / "configs" / "synthetic.yaml")
+    for args, message in ((["--ckpt_path", str(tmp_path / "nothing.ckpt")], "does not exist"),
+                          (["--ckpt_path", str(truncated)], "truncated or not a checkpoint"),
+                          (["--trainer.accelerator", "cpu", "--trainer.devices", str(os.cpu_count() + 1)],
+                           "asks for"),
+                          (["--trainer.accelerator", "gpu", "--trainer.devices", "1"] if not torch.cuda.is_available()
+                           else ["--trainer.devices", str(torch.cuda.device_count() + 1)], "GPU")):
+        result = train("--config", synthetic, *args, run_dir=tmp_path / "run")
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
+        assert "Epoch" not in result.stdout
+
+
+def test_bf16_mixed_training_stays_finite_and_learns(tmp_path):
+    result = train("--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.precision", "bf16-mixed",
+                   "--trainer.max_epochs", "40", "--trainer.enable_progress_bar", "false", run_dir=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = last_epoch_metrics(tmp_path)
+    assert all(value == value and abs(value) != float("inf") for value in metrics.values())
+    assert metrics["test@best_val"] > 0.6  # as in float32 (test_default_job_learns_far_above_chance)
