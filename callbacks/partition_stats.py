@@ -1,5 +1,6 @@
 """How much of the graph the training batches keep."""
 import lightning.pytorch as pl
+import torch
 
 
 class PartitionStats(pl.Callback):
@@ -21,7 +22,7 @@ class PartitionStats(pl.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         reduce = trainer.strategy.reduce
         count = len(self._nodes)
-        totals = {name: float(reduce(module.new_tensor(float(value)), reduce_op="sum"))
+        totals = {name: float(reduce(torch.tensor(float(value), device=module.device), reduce_op="sum"))
                   for name, value in (("batches", count), ("nodes", sum(self._nodes)), ("edges", self._edges),
                                       ("graph_edges", self._graph_edges))}
         module.log("partition/edges_kept", totals["edges"] / max(totals["graph_edges"], 1.0))
