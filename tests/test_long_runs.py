@@ -19,6 +19,8 @@ from difformer_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, 
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_NODES = 1003  # not a multiple of any batch size used here
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+       "--data.init_args.num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +66,7 @@ def final_weights(run_dir: Path) -> dict:
 def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, store):
     config = partition_config(tmp_path, store, batch_size=130, every_n_train_steps="null")
     run_dir = tmp_path / "ddp"
-    result = train("--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                   "--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0",
-                   "--trainer.callbacks+=cli_helpers.BatchRecorder", "--trainer.callbacks.out_dir",
+    result = train("--config", str(config), *DDP, "--trainer.callbacks+=cli_helpers.BatchRecorder", "--trainer.callbacks.out_dir",
                    str(tmp_path / "batches"), run_dir=run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / "batches" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -95,32 +95,36 @@ def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, s
     assert abs(mean_of_ranks - correct / total) > 1e-4  # the test would notice per-rank averaging
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, store):
-    # 7 batches per epoch, 3 epochs; a checkpoint every 3 steps, so most fall mid-epoch.
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, store, ranks):
+    # One rank: 7 batches per epoch; two: 4 per rank. 3 epochs, a checkpoint every 3 steps, so
+    # most fall mid-epoch; the kill comes at a random step after the first checkpoint.
     config = partition_config(tmp_path, store, batch_size=150, every_n_train_steps=3)
-    reference = train("--config", str(config), run_dir=tmp_path / "uninterrupted")
+    extra = DDP if ranks == 2 else []
+    reference = train("--config", str(config), *extra, run_dir=tmp_path / "uninterrupted")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    kill_at = int(os.environ.get("KILL_AT", 0)) or random.Random().randint(4, 18)  # after the first mid-epoch checkpoint (step 3)
+    steps = 21 if ranks == 1 else 12
+    kill_at = int(os.environ.get("KILL_AT", 0)) or random.Random().randint(4, steps - 3)
     run_dir = tmp_path / "killed"
-    process = train("--config", str(config), "--trainer.callbacks+=cli_helpers.StepPrinter",
+    process = train("--config", str(config), *extra, "--trainer.callbacks+=cli_helpers.StepPrinter",
                     "--trainer.callbacks.pause", "0.2", run_dir=run_dir, stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL, text=True)
+                    stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     for line in process.stdout:
         if line.strip() == f"step {kill_at}" or time.monotonic() > deadline:
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)  # every rank, as a preemption would
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
 
-    resumed = train("--config", str(config), "--ckpt_path", "last", run_dir=run_dir)
+    resumed = train("--config", str(config), *extra, "--ckpt_path", "last", run_dir=run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout, resumed.stderr
     expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(run_dir)
     assert expected.keys() == got.keys()
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
-    assert not different, f"killed at step {kill_at}: {different}"
+    assert not different, f"{ranks} rank(s) killed at step {kill_at}: {different}"
     assert last_epoch_metrics(run_dir) == last_epoch_metrics(tmp_path / "uninterrupted")
 
 
