@@ -14,7 +14,8 @@ setup() {
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet "torch==2.13.0"
   fi
-  if ! "$VENV/bin/python" -c "import difformer_lightning, datamodules, pytest" 2>/dev/null \
+  # -I: without the current folder on the path, so the check sees the install, not the source tree
+  if ! "$VENV/bin/python" -I -c "import difformer_lightning, datamodules, callbacks, pytest" 2>/dev/null \
      || [ pyproject.toml -nt "$VENV/.installed" ]; then
     "$VENV/bin/pip" install --quiet -e ".[test]"
     touch "$VENV/.installed"

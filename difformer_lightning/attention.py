@@ -5,13 +5,13 @@ run with autocast disabled in float32 (float64 inputs stay float64): the global 
 over all N nodes lose the data-dependent part of the denominator in bfloat16 and
 overflow in float16 above 65,504 nodes.
 """
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.utils import scatter, softmax
+from torch_geometric.utils import scatter, softmax, to_dense_batch
 
 QKNorm = Literal["frobenius", "row"]
 
@@ -21,7 +21,8 @@ QKNorm = Literal["frobenius", "row"]
 _SIGMOID_BYTES_PER_ENTRY = 16
 
 
-def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm = "frobenius") -> Tensor:
+def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm = "frobenius",
+                     batch: Optional[Tensor] = None) -> Tensor:
     r"""DIFFormer-s: :math:`f(z_n, z_l) = 1 + \tilde{q}_n^\top \tilde{k}_l`, in O(N H D^2).
 
     .. math::
@@ -33,18 +34,37 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm 
     each :math:`\tilde{q}_n` is then about :math:`1/\sqrt{N}` long and the attention is
     close to a uniform mean. ``qk_norm='row'`` normalises every row of every head to
     unit length, as the paper writes, which gives O(1) deviations from the mean.
+
+    ``batch`` (sorted graph ids, as in a PyG ``Batch``) makes every sum, norm and ``N`` run
+    over each node's own graph: attention never crosses graphs, and every graph gets exactly
+    what it would get alone. The graphs are padded to the largest one for the products.
     """
-    num_nodes = query.size(0)
-    if qk_norm == "frobenius":
-        query = query / torch.linalg.vector_norm(query).clamp_min(1e-12)
-        key = key / torch.linalg.vector_norm(key).clamp_min(1e-12)
+    mask = None
+    if batch is None:
+        query, key, value = (t.unsqueeze(0) for t in (query, key, value))  # one graph: [1, N, H, D]
+        sizes = query.new_full((1,), query.size(1))
     else:
-        query = F.normalize(query, dim=-1)
+        check_sorted(batch)
+        (query, mask), (key, _), (value, _) = (to_dense_batch(t, batch) for t in (query, key, value))
+        sizes = mask.sum(dim=1).to(query.dtype)
+    if qk_norm == "frobenius":
+        query = query / torch.linalg.vector_norm(query, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        key = key / torch.linalg.vector_norm(key, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    else:
+        query = F.normalize(query, dim=-1)  # padding rows stay zero
         key = F.normalize(key, dim=-1)
-    key_value = torch.einsum("nhm,nhd->hmd", key, value)
-    numerator = torch.einsum("nhm,hmd->nhd", query, key_value) + value.sum(dim=0)
-    denominator = torch.einsum("nhm,hm->nh", query, key.sum(dim=0)).unsqueeze(-1) + num_nodes
-    return numerator / denominator
+    key_value = torch.einsum("gnhm,gnhd->ghmd", key, value)
+    numerator = torch.einsum("gnhm,ghmd->gnhd", query, key_value) + value.sum(dim=1, keepdim=True)
+    denominator = torch.einsum("gnhm,ghm->gnh", query, key.sum(dim=1)).unsqueeze(-1) + sizes.view(-1, 1, 1, 1)
+    out = numerator / denominator
+    return out[0] if mask is None else out[mask]
+
+
+def check_sorted(batch: Tensor) -> None:
+    """Graph ids must be sorted (each graph's nodes contiguous), as PyG's ``Batch`` makes them."""
+    if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted (the nodes of each graph contiguous, as torch_geometric's Batch "
+                         "builds it); sort the nodes by graph id first")
 
 
 def sigmoid_rows_per_block(num_nodes: int, num_heads: int, block_bytes: int) -> int:
@@ -63,14 +83,21 @@ def sigmoid_rows_per_block(num_nodes: int, num_heads: int, block_bytes: int) -> 
     return min(rows, num_nodes)
 
 
-def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: int = 2**30) -> Tensor:
+def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: int = 2**30,
+                      batch: Optional[Tensor] = None) -> Tensor:
     r"""DIFFormer-a: :math:`A_{nl} = \sigma(q_n^\top k_l)`, row-normalised, times V.
 
     The ``[N, N, H]`` attention is never materialised: query rows are processed in
     blocks whose attention fits in ``block_bytes``. With gradients enabled and more
     than one block, each block is recomputed in backward (activation checkpointing),
-    so extra memory stays O(block x N) in training too.
+    so extra memory stays O(block x N) in training too. With ``batch`` (sorted graph ids)
+    each graph attends only to itself, one graph after another.
     """
+    if batch is not None:
+        check_sorted(batch)
+        sizes = torch.bincount(batch).tolist()
+        parts = zip(*(t.split(sizes) for t in (query, key, value)))
+        return torch.cat([sigmoid_attention(q, k, v, block_bytes) for q, k, v in parts if q.size(0)])
     num_nodes, num_heads, _ = query.shape
     rows = sigmoid_rows_per_block(num_nodes, num_heads, block_bytes)
     query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # [H, N, D]

@@ -95,11 +95,12 @@ class DIFFormerConv(nn.Module):
         if self.kernel == "sigmoid":
             sigmoid_rows_per_block(num_nodes, self.num_heads, self.sigmoid_block_bytes)
 
-    def forward(self, x: Tensor, graph: Optional[NormalizedGraph] = None) -> Tensor:
+    def forward(self, x: Tensor, graph: Optional[NormalizedGraph] = None, batch: Optional[Tensor] = None) -> Tensor:
         """Maps ``x`` [N, in_channels] to [N, out_channels].
 
         ``graph`` is the :class:`NormalizedGraph` of the current nodes, required when
-        ``needs_graph``; :class:`DIFFormer` builds it once for all its layers.
+        ``needs_graph``; :class:`DIFFormer` builds it once for all its layers. ``batch``
+        (sorted graph ids) keeps the global attention within each graph.
         """
         if self.needs_graph and graph is None:
             raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph: "
@@ -112,11 +113,11 @@ class DIFFormerConv(nn.Module):
         dtype = accumulation_dtype(value.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             query, key, value = (None if t is None else t.to(dtype) for t in (query, key, value))
-            out = self._diffuse(query, key, value, graph)
+            out = self._diffuse(query, key, value, graph, batch)
         return out.mean(dim=1)
 
     def _diffuse(self, query: Optional[Tensor], key: Optional[Tensor], value: Tensor,
-                 graph: Optional[NormalizedGraph]) -> Tensor:
+                 graph: Optional[NormalizedGraph], batch: Optional[Tensor]) -> Tensor:
         if self.kernel == "none":
             return value
         if self.kernel == "gcn":
@@ -125,9 +126,9 @@ class DIFFormerConv(nn.Module):
             return edge_attention(value, self.att_source.to(value.dtype), self.att_target.to(value.dtype),
                                   graph.edge_index)
         if self.kernel == "simple":
-            out = linear_attention(query, key, value, self.qk_norm)
+            out = linear_attention(query, key, value, self.qk_norm, batch)
         else:
-            out = sigmoid_attention(query, key, value, self.sigmoid_block_bytes)
+            out = sigmoid_attention(query, key, value, self.sigmoid_block_bytes, batch)
         if not self.use_graph:
             return out
         local = graph.propagate(value)

@@ -57,16 +57,19 @@ class DIFFormer(nn.Module):
         """Raises before any work if a forward pass over ``num_nodes`` nodes cannot fit."""
         self.convs[0].check_fits(num_nodes)
 
-    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None) -> Tensor:
         """Logits ``[N, out_channels]`` for node features ``x`` [N, in_channels].
 
         ``edge_index`` [2, E] (messages ``edge_index[0] -> edge_index[1]``) and optional
-        ``edge_weight`` [E] give the graph; self loops are added where missing.
+        ``edge_weight`` [E] give the graph; self loops are added where missing. ``batch`` [N]
+        (sorted graph ids, as in a PyG ``Batch``) treats the nodes as separate graphs: the
+        global attention never crosses graphs, so each gets what it would get alone.
         """
-        return self.lin_out(self.diffuse(x, edge_index, edge_weight)[-1])
+        return self.lin_out(self.diffuse(x, edge_index, edge_weight, batch)[-1])
 
-    def diffuse(self, x: Tensor, edge_index: Optional[Tensor] = None,
-                edge_weight: Optional[Tensor] = None) -> List[Tensor]:
+    def diffuse(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None) -> List[Tensor]:
         """The states :math:`[h_0, h_1, \dots, h_L]` of the diffusion, each ``[N, hidden_channels]``
         (what :class:`~callbacks.Energy` evaluates the energy on)."""
         graph = None
@@ -78,7 +81,7 @@ class DIFFormer(nn.Module):
         states = [F.dropout(F.relu(self.norm_in(self.lin_in(x))), self.dropout, self.training)]
         for conv, norm in zip(self.convs, self.norms):
             h = states[-1]
-            update = conv(h, graph)
+            update = conv(h, graph, batch)
             h = self.alpha * update + (1.0 - self.alpha) * h if self.use_residual else update
             states.append(F.dropout(norm(h), self.dropout, self.training))
         return states

@@ -70,7 +70,7 @@ class NodeClassifier(pl.LightningModule):
             self.encoder.check_fits(datamodule.max_batch_nodes)
 
     def forward(self, batch: Data) -> Tensor:
-        return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"))
+        return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.hparams.task == "multilabel":
