@@ -1,11 +1,12 @@
-"""LightningDataModules: full-batch graphs, Planetoid, a synthetic default, random node partition over a graph store."""
+"""LightningDataModules: full-batch graphs, samples without a graph, Planetoid, a synthetic default, random node partition over a graph store."""
 from .base import DATA_ENV, DatasetNotFoundError, NodeDataModule, data_root, validate_node_data
+from .features import FeatureDataModule, knn_graph
 from .partition import RandomPartitionDataModule
 from .planetoid import PlanetoidDataModule
 from .splits import class_balanced_split
 from .store import GraphStore, StoreError
 from .synthetic import SyntheticCSBMDataModule, contextual_sbm
 
-__all__ = ["DATA_ENV", "DatasetNotFoundError", "NodeDataModule", "GraphStore", "PlanetoidDataModule", "RandomPartitionDataModule",
+__all__ = ["DATA_ENV", "DatasetNotFoundError", "FeatureDataModule", "NodeDataModule", "GraphStore", "PlanetoidDataModule", "RandomPartitionDataModule",
            "StoreError", "SyntheticCSBMDataModule",
-           "class_balanced_split", "contextual_sbm", "data_root", "validate_node_data"]
+           "class_balanced_split", "contextual_sbm", "data_root", "knn_graph", "validate_node_data"]
