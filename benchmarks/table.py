@@ -19,7 +19,8 @@ def main(paths) -> None:
         result = json.loads(Path(path).read_text())
         name = Path(result["config"]).stem
         runs = ", ".join(f"{r:.1f}" for r in result["runs"])
-        print(f"| `{name}` | {result['mean']:.2f} +- {result['std']:.2f} | {runs} | {PUBLISHED.get(name, 'n/a')} |")
+        options = " ".join(result.get("extra_args", [])).replace("--data.init_args.", "")
+        print(f"| `{name}`{' ' + options if options else ''} | {result['mean']:.2f} +- {result['std']:.2f} | {runs} | {PUBLISHED.get(name, 'n/a')} |")
 
 
 if __name__ == "__main__":
