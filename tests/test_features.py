@@ -73,3 +73,14 @@ def test_bad_feature_files_are_named(tmp_path):
         knn_graph(torch.zeros(6, 2), k=6)
     with pytest.raises(ValueError, match="k must be in"):
         FeatureDataModule(x, np.arange(6) % 2, labels_per_class=1, num_val=1, knn=6).data
+
+
+def test_the_readme_plug_in_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- plug-in example -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the example writes runs/stores/my-graph
+    exec(compile(block, "README.md (plug-in example)", "exec"), {})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    full, partition = (float(part.split()[-1]) for part in line.split(":", 1)[1].split(","))
+    assert full > 0.6 and partition > 0.6, line  # 4 classes: chance 0.25
