@@ -6,7 +6,8 @@ from .planetoid import PlanetoidDataModule
 from .splits import class_balanced_split
 from .store import GraphStore, StoreError
 from .synthetic import SyntheticCSBMDataModule, contextual_sbm
+from .temporal import TemporalDataModule
 
 __all__ = ["DATA_ENV", "DatasetNotFoundError", "FeatureDataModule", "NodeDataModule", "GraphStore", "PlanetoidDataModule", "RandomPartitionDataModule",
-           "StoreError", "SyntheticCSBMDataModule",
+           "StoreError", "SyntheticCSBMDataModule", "TemporalDataModule",
            "class_balanced_split", "contextual_sbm", "data_root", "knn_graph", "validate_node_data"]

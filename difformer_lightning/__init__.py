@@ -4,6 +4,7 @@ from .conv import DIFFormerConv
 from .graph import NormalizedGraph
 from .model import DIFFormer
 from .node_classifier import NodeClassifier
+from .node_regressor import NodeRegressor, all_pairs_mse
 
-__all__ = ["DIFFormer", "DIFFormerConv", "NodeClassifier", "NormalizedGraph", "linear_attention", "sigmoid_attention",
+__all__ = ["DIFFormer", "DIFFormerConv", "NodeClassifier", "NodeRegressor", "all_pairs_mse", "NormalizedGraph", "linear_attention", "sigmoid_attention",
            "edge_attention"]

@@ -1,0 +1,126 @@
+"""Spatio-temporal forecasting data from PyTorch Geometric Temporal's JSON files.
+
+Each time step is one graph snapshot: node features are the ``lags`` previous values of every
+node, the target its next value. Snapshots are split chronologically (20% train, 20% validation,
+60% test, as the reference) and batched several at a time as separate graphs (a ``batch`` vector),
+so DIFFormer's attention stays within each snapshot.
+"""
+import json
+import urllib.request
+from typing import Dict, List, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch_geometric.data import Data
+from torch_geometric.loader import DataLoader
+
+from .base import DatasetNotFoundError, data_root
+
+URL = "https://raw.githubusercontent.com/benedekrozemberczki/pytorch_geometric_temporal/master/dataset/{name}.json"
+DEFAULT_LAGS = {"chickenpox": 4, "england_covid": 8, "wikivital_mathematics": 14}
+TemporalName = Literal["chickenpox", "england_covid", "wikivital_mathematics"]
+
+
+def _require(raw: dict, keys, source: str) -> None:
+    for key in keys:
+        if key not in raw:
+            raise ValueError(f"{source}: key {key!r} is missing (it has {sorted(raw)}); expected a PyTorch "
+                             f"Geometric Temporal JSON file")
+
+
+def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[Data]:
+    """Snapshots ``Data(x [N, lags], y [N], edge_index, edge_weight)`` from a parsed file.
+
+    Two layouts: a static graph (``edges``, optional ``weights``, and ``FX`` [T, N]: chickenpox)
+    or a graph per day (``edge_mapping``, ``time_periods``, ``y`` [T, N]: england_covid, whose
+    values are z-scored per node as PyG-Temporal does).
+    """
+    if "edge_mapping" in raw:
+        _require(raw, ("time_periods", "y"), source)
+        _require(raw["edge_mapping"], ("edge_index", "edge_weight"), f"{source} edge_mapping")
+        values = torch.tensor(raw["y"], dtype=torch.float32)
+        values = (values - values.mean(dim=0)) / (values.std(dim=0) + 1e-10)
+        graphs = [(torch.tensor(raw["edge_mapping"]["edge_index"][str(t)]).t(),
+                   torch.tensor(raw["edge_mapping"]["edge_weight"][str(t)], dtype=torch.float32))
+                  for t in range(values.size(0))]
+    else:
+        _require(raw, ("edges", "FX"), source)
+        values = torch.tensor(raw["FX"], dtype=torch.float32)
+        edges = torch.tensor(raw["edges"]).t()
+        weights = torch.tensor(raw["weights"], dtype=torch.float32) if "weights" in raw else torch.ones(edges.size(1))
+        graphs = [(edges, weights)] * values.size(0)
+    steps = values.size(0)
+    if not 1 <= lags < steps:
+        raise ValueError(f"{source}: lags must be in [1, {steps - 1}] (the series has {steps} time steps), got {lags}")
+    return [Data(x=values[t:t + lags].t().contiguous(), y=values[t + lags], edge_index=graphs[t][0].long(),
+                 edge_weight=graphs[t][1]) for t in range(steps - lags)]
+
+
+def chronological_split(snapshots: List[Data], train: float = 0.2, val: float = 0.2) -> Dict[str, List[Data]]:
+    """The first ``train`` share for training, the next ``val`` share for validation, the rest test."""
+    first, second = int(len(snapshots) * train), int(len(snapshots) * (train + val))
+    if first < 1 or second <= first or second >= len(snapshots):
+        raise ValueError(f"{len(snapshots)} snapshots are too few for a {train}/{val}/rest split")
+    return {"train": snapshots[:first], "val": snapshots[first:second], "test": snapshots[second:]}
+
+
+class TemporalDataModule(pl.LightningDataModule):
+    """Snapshots of a PyG-Temporal dataset, ``snapshots_per_batch`` graphs per optimiser step.
+
+    Looks for ``<root>/temporal/<name>.json`` (root: ``root``, ``$DIFFORMER_DATA`` or ``./data``)
+    and downloads it there where the network allows. ``lags`` defaults to the reference's (4 for
+    chickenpox, 8 for england_covid, 14 for wikivital_mathematics).
+    """
+
+    def __init__(self, name: TemporalName = "chickenpox", lags: Optional[int] = None, snapshots_per_batch: int = 8,
+                 root: Optional[str] = None) -> None:
+        super().__init__()
+        if snapshots_per_batch < 1:
+            raise ValueError(f"snapshots_per_batch must be >= 1, got {snapshots_per_batch}")
+        self.name, self.lags = name, lags or DEFAULT_LAGS.get(name, 4)
+        self.snapshots_per_batch = snapshots_per_batch
+        self.path = data_root(root) / "temporal" / f"{name}.json"
+        self._splits: Optional[Dict[str, List[Data]]] = None
+
+    def prepare_data(self) -> None:
+        if self.path.is_file():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.path.with_suffix(".json.tmp")
+            with urllib.request.urlopen(URL.format(name=self.name), timeout=60) as response:
+                staging.write_bytes(response.read())
+            staging.replace(self.path)
+        except OSError as error:
+            raise DatasetNotFoundError(f"{self.path} is missing and could not be downloaded ({error}); copy "
+                                       f"{self.name}.json from PyTorch Geometric Temporal's dataset folder there")
+
+    @property
+    def splits(self) -> Dict[str, List[Data]]:
+        if self._splits is None:
+            if not self.path.is_file():
+                self.prepare_data()
+            raw = json.loads(self.path.read_text())
+            self._splits = chronological_split(snapshots_from_json(raw, self.lags, str(self.path)))
+        return self._splits
+
+    @property
+    def num_features(self) -> int:
+        return self.lags
+
+    def setup(self, stage: str) -> None:
+        self.splits  # noqa: B018  loads and checks before training
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.snapshots_per_batch, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> List[DataLoader]:
+        # Test snapshots are evaluated beside validation ones, to report test at the best validation.
+        return [self._loader("val"), self._loader("test")]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
