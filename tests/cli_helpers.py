@@ -14,7 +14,8 @@ class StepPrinter(pl.Callback):
         self.pause = pause
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        print(f"step {trainer.global_step}", flush=True)
+        if trainer.is_global_zero:  # one writer: lines of two ranks could interleave
+            print(f"step {trainer.global_step}", flush=True)
         time.sleep(self.pause)
 
 

@@ -112,7 +112,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, st
                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     for line in process.stdout:
-        if line.strip() == f"step {kill_at}" or time.monotonic() > deadline:
+        if line.split() == ["step", str(kill_at)] or time.monotonic() > deadline:
             os.killpg(process.pid, signal.SIGKILL)  # every rank, as a preemption would
             break
     process.wait(timeout=60)
