@@ -1,7 +1,4 @@
 """Per-node regression (spatio-temporal forecasting) with a DIFFormer encoder."""
-import warnings
-
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +6,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import scatter
 from torchmetrics import MeanMetric, MeanSquaredError
 
+from .encoder_module import EncoderModule
 from .model import DIFFormer
 
 SPLITS = ("val", "test")
@@ -22,33 +20,29 @@ def all_pairs_mse(prediction: Tensor, target: Tensor, batch: Tensor) -> Tensor:
     return mean(prediction.pow(2)) - 2 * mean(prediction) * mean(target) + mean(target.pow(2))
 
 
-class NodeRegressor(pl.LightningModule):
+class NodeRegressor(EncoderModule):
     """Predicts one value per node with MSE; batches may hold several graphs (snapshots).
 
     Validation evaluates the validation snapshots (dataloader 0) and the test snapshots
     (dataloader 1) and logs ``{split}/mse`` (per node) and ``{split}/mse_all_pairs`` (the
     reference's broadcast error, for comparison with published tables); ``test@best_val`` is
     the test MSE at the epoch of the lowest validation MSE (``test_all_pairs_at_best_val`` the
-    all-pairs one). Adam, constant learning rate.
+    all-pairs one). Optimiser and checkpoint hooks: :class:`EncoderModule`.
     """
 
+    higher_is_better = False
+
     def __init__(self, encoder: DIFFormer, lr: float = 1e-2, weight_decay: float = 5e-4) -> None:
-        super().__init__()
         if encoder.lin_out.out_features != 1:
             raise ValueError(f"NodeRegressor predicts one value per node: the encoder needs out_channels=1, "
                              f"got {encoder.lin_out.out_features}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Attribute 'encoder' is an instance of `nn.Module`")
-            self.save_hyperparameters()
-        self.encoder = encoder
+        super().__init__(encoder, lr, weight_decay)
         self.mse = torch.nn.ModuleDict({split: MeanSquaredError() for split in SPLITS})
         self.all_pairs = torch.nn.ModuleDict({split: MeanMetric() for split in SPLITS})
-        self.register_buffer("best_val", torch.tensor(float("inf")))
-        self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
         self.register_buffer("test_all_pairs_at_best_val", torch.tensor(float("nan")))
 
     def forward(self, batch: Data) -> Tensor:
-        return self.encoder(batch.x, batch.edge_index, batch.get("edge_weight"), batch.get("batch")).squeeze(-1)
+        return super().forward(batch).squeeze(-1)
 
     def training_step(self, batch: Data, batch_idx: int) -> Tensor:
         loss = F.mse_loss(self(batch), batch.y)
@@ -71,14 +65,5 @@ class NodeRegressor(pl.LightningModule):
             self.log(f"{split}/mse_all_pairs", pairs[split], add_dataloader_idx=False)
             self.mse[split].reset()
             self.all_pairs[split].reset()
-        if self.trainer.sanity_checking:
-            return
-        if values["val"] < self.best_val:
-            self.best_val.fill_(values["val"])
-            self.test_at_best_val.fill_(values["test"])
+        if self.record_best(values["val"], values["test"]):
             self.test_all_pairs_at_best_val.fill_(pairs["test"])
-        self.log("val/best", self.best_val)
-        self.log("test@best_val", self.test_at_best_val, prog_bar=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
