@@ -1,24 +1,27 @@
 """Command line: ``python train.py {fit,validate,test,predict} --config configs/X.yaml``.
 
-A LightningCLI over :class:`NodeClassifier` and any LightningDataModule that exposes
-``num_features``, ``num_classes`` and ``multilabel`` (every module in ``datamodules``).
-The encoder's input and output sizes and the task come from the data, so a config only
-chooses the dataset, the encoder's hyperparameters and the Trainer's options.
+A LightningCLI over a model (:class:`NodeClassifier` unless the config's ``model.class_path``
+names another, such as :class:`NodeRegressor`) and any LightningDataModule that exposes
+``num_features``, ``num_outputs`` and ``task`` (every module in ``datamodules``). The encoder's
+input and output sizes and the task come from the data, so a config only chooses the dataset,
+the encoder's hyperparameters and the Trainer's options.
 
 A run lives in ``runs/<config name>/`` (``--trainer.default_root_dir`` moves it): CSV logs
 under ``logs/``, checkpoints under ``checkpoints/`` (``last.ckpt`` and the best; options under
 ``--checkpoint.*``), so ``fit --ckpt_path last`` resumes an interrupted run exactly.
 """
+import importlib
 import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks import Checkpoint, NonFiniteGuard
-from difformer_lightning import NodeClassifier
+from datamodules.base import ClassificationTargets
+from difformer_lightning import NodeRegressor
 from difformer_lightning.checkpoint import check_checkpoint_file
 
 RUNS = "runs"
@@ -27,15 +30,12 @@ RUNS = "runs"
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 
-def _task(multilabel: bool) -> str:
-    return "multilabel" if multilabel else "multiclass"
-
-
 class DIFFormerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_features", "model.encoder.init_args.in_channels", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.encoder.init_args.out_channels", apply_on="instantiate")
-        parser.link_arguments("data.multilabel", "model.task", compute_fn=_task, apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": "difformer_lightning.NodeClassifier"}})
+        for source, target in (("num_features", "encoder.init_args.in_channels"),
+                               ("num_outputs", "encoder.init_args.out_channels"), ("task", "task")):
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
 
@@ -51,6 +51,7 @@ class DIFFormerCLI(LightningCLI):
             trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                               "init_args": {"save_dir": trainer.default_root_dir, "name": "logs"}}
         check_devices(trainer.accelerator, trainer.devices)
+        check_model_for_data(config.model.class_path, config.data.class_path)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -93,12 +94,34 @@ def check_devices(accelerator, devices) -> None:
                          f"(-1 takes all of them)")
 
 
+def check_model_for_data(model_path: str, data_path: str) -> None:
+    """Raises a ``ValueError`` when a regression data module is given a classifier or the reverse.
+
+    Decided from the classes, before any data is loaded, where the data module's kind is known
+    from its class (``ClassificationTargets`` or a class attribute ``task = "regression"``);
+    otherwise the model's own check on the linked ``task`` reports it when it is built."""
+    data_class = _import(data_path)
+    regression_data = getattr(data_class, "task", None) == "regression"
+    if not (regression_data or issubclass(data_class, ClassificationTargets)):
+        return
+    if issubclass(_import(model_path), NodeRegressor) != regression_data:
+        kind, wanted = ("regression", "NodeRegressor") if regression_data else ("classification", "NodeClassifier")
+        raise ValueError(f"{data_path} is a {kind} task but the model is {model_path}: "
+                         f"use --model difformer_lightning.{wanted} (or model.class_path in the config)")
+
+
+def _import(class_path: str) -> type:
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
 def main(args=None, **kwargs) -> DIFFormerCLI:
     # Runs write under ./runs (logs, checkpoints, the resolved config.yaml), never into the
     # source tree; a rerun overwrites the config it saved rather than refusing to start.
     kwargs.setdefault("trainer_defaults", {"default_root_dir": RUNS})
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return DIFFormerCLI(NodeClassifier, LightningDataModule, subclass_mode_data=True, args=args, **kwargs)
+    return DIFFormerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        args=args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Spatio-temporal forecasting: DIFFormer-s / -a with and without the graph, 5 runs each.
+"""Spatio-temporal forecasting: the four chickenpox presets (DIFFormer-s / -a, with and without the
+graph) trained through ``train.py`` on one dataset, 5 runs each.
 
     python benchmarks/temporal.py --dataset chickenpox --out results/temporal/chickenpox.json
 
-The reference's recipe: 2 layers, hidden 4, Adam lr 1e-2 (weight decay 5e-4), up to 200 epochs,
-early stopping on validation MSE with patience 20, chronological 20/20/60 split; here 8 snapshots
-per optimiser step. Reports the test MSE at the best validation epoch, per node and as the
+The presets hold the reference's recipe: 2 layers, hidden 4, Adam lr 1e-2 (weight decay 5e-4), up to
+200 epochs, early stopping on validation MSE with patience 20, chronological 20/20/60 split; here 8
+snapshots per optimiser step. Reports the test MSE at the best validation epoch, per node and as the
 reference's all-pairs (broadcast) error, and writes JSON.
 """
 import argparse
@@ -12,27 +13,23 @@ import statistics
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules import TemporalDataModule  # noqa: E402
-from difformer_lightning import DIFFormer, NodeRegressor  # noqa: E402
+from datamodules.temporal import DEFAULT_LAGS  # noqa: E402
 from difformer_lightning.io import write_json_atomic  # noqa: E402
+from reproduce import QUIET  # noqa: E402
+from train import main as train_main  # noqa: E402
 
-MODELS = {"DIFFormer-s": ("simple", False), "DIFFormer-s + graph": ("simple", True),
-          "DIFFormer-a": ("sigmoid", False), "DIFFormer-a + graph": ("sigmoid", True)}
+PRESETS = {"DIFFormer-s": "chickenpox_s", "DIFFormer-s + graph": "chickenpox_s_graph",
+           "DIFFormer-a": "chickenpox_a", "DIFFormer-a + graph": "chickenpox_a_graph"}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def run(datamodule: TemporalDataModule, kernel: str, use_graph: bool, seed: int, epochs: int) -> dict:
-    pl.seed_everything(seed, verbose=False)
-    encoder = DIFFormer(datamodule.num_features, 4, 1, num_layers=2, kernel=kernel, use_graph=use_graph,
-                        use_weight=True, dropout=0.0)
-    module = NodeRegressor(encoder, lr=1e-2, weight_decay=5e-4)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[EarlyStopping("val/mse", patience=20)])
-    trainer.fit(module, datamodule)
-    return {"test_mse": float(module.test_at_best_val), "epochs": trainer.current_epoch,
+def run(preset: str, dataset: str, root: str, seed: int, epochs: int) -> dict:
+    data_args = ["--data.init_args.name", dataset] + (["--data.init_args.root", root] if root else [])
+    cli = train_main(["fit", "--config", str(CONFIGS / f"{preset}.yaml"), "--seed_everything", str(seed),
+                      "--trainer.max_epochs", str(epochs), *QUIET, *data_args], save_config_callback=None)
+    module = cli.model
+    return {"test_mse": float(module.test_at_best_val), "epochs": cli.trainer.current_epoch,
             "test_mse_all_pairs": float(module.test_all_pairs_at_best_val)}
 
 
@@ -45,11 +42,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    datamodule = TemporalDataModule(args.dataset, root=args.root)
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments from run, not from this command line
     results = {}
     print(f"| {args.dataset} | test MSE per node | all-pairs MSE (reference's) | epochs |\n|---|---|---|---|")
-    for name, (kernel, use_graph) in MODELS.items():
-        runs = [run(datamodule, kernel, use_graph, seed, args.epochs) for seed in range(args.runs)]
+    for name, preset in PRESETS.items():
+        runs = [run(preset, args.dataset, args.root, seed, args.epochs) for seed in range(args.runs)]
         mse = [r["test_mse"] for r in runs]
         pairs = [r["test_mse_all_pairs"] for r in runs]
         results[name] = {"test_mse": mse, "mean": statistics.mean(mse), "std": statistics.stdev(mse),
@@ -58,8 +55,8 @@ def main() -> None:
         print(f"| {name} | {results[name]['mean']:.4f} +- {results[name]['std']:.4f} | "
               f"{results[name]['all_pairs_mean']:.4f} +- {results[name]['all_pairs_std']:.4f} | "
               f"{statistics.mean(results[name]['epochs']):.0f} |", flush=True)
-    write_json_atomic(args.out, {"dataset": args.dataset, "lags": datamodule.lags, "runs": args.runs,
-                                 "snapshots_per_batch": datamodule.snapshots_per_batch, "models": results})
+    write_json_atomic(args.out, {"dataset": args.dataset, "lags": DEFAULT_LAGS[args.dataset], "runs": args.runs,
+                                 "snapshots_per_batch": 8, "presets": PRESETS, "models": results})
 
 
 if __name__ == "__main__":

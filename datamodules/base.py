@@ -20,7 +20,20 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable."""
 
 
-class NodeDataModule(pl.LightningDataModule):
+class ClassificationTargets:
+    """What ``train.py`` links from a classification data module into the model: the encoder's
+    output size (``num_outputs``) and the ``task``. Needs ``num_classes`` and ``multilabel``."""
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.multilabel else "multiclass"
+
+
+class NodeDataModule(ClassificationTargets, pl.LightningDataModule):
     """One graph, trained full-batch: every step sees all nodes, the loss uses ``train_mask``.
 
     Plugging a dataset: pass a PyG :class:`~torch_geometric.data.Data` as ``data``, or

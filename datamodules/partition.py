@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch_geometric.data import Data
 
+from .base import ClassificationTargets
 from .store import SPLIT_CODES, GraphStore, StoreError
 
 
@@ -219,7 +220,7 @@ class PartitionSampler(DistributedSampler):
         self.epoch, self._skip = epoch, (epoch, position)
 
 
-class RandomPartitionDataModule(pl.LightningDataModule):
+class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
     """Mini-batch training over a graph store (see :mod:`datamodules.store`).
 
     ``fanout=0`` (default) is the reference's random node partition: every epoch a fresh

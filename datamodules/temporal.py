@@ -72,6 +72,10 @@ class TemporalDataModule(pl.LightningDataModule):
     chickenpox, 8 for england_covid, 14 for wikivital_mathematics).
     """
 
+    # What train.py links into the model: one value per node, predicted by NodeRegressor.
+    num_outputs = 1
+    task = "regression"
+
     def __init__(self, name: TemporalName = "chickenpox", lags: Optional[int] = None, snapshots_per_batch: int = 8,
                  root: Optional[str] = None) -> None:
         super().__init__()

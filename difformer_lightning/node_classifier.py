@@ -30,8 +30,12 @@ class NodeClassifier(EncoderModule):
     """
 
     def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
-                 task: Literal["multiclass", "multilabel"] = "multiclass",
-                 metric: Literal["accuracy", "rocauc"] = "accuracy") -> None:
+                 task: str = "multiclass", metric: Literal["accuracy", "rocauc"] = "accuracy") -> None:
+        # task is a str, not a Literal, so that train.py's link from a regression data module
+        # reaches this message instead of a type error.
+        if task == "regression":
+            raise ValueError("the data is a regression task (one value per node): train it with "
+                             "NodeRegressor (--model difformer_lightning.NodeRegressor), not NodeClassifier")
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
         if metric not in ("accuracy", "rocauc"):

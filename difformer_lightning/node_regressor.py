@@ -1,4 +1,6 @@
 """Per-node regression (spatio-temporal forecasting) with a DIFFormer encoder."""
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,8 +33,14 @@ class NodeRegressor(EncoderModule):
     """
 
     higher_is_better = False
+    metric_name = "mse"
 
-    def __init__(self, encoder: DIFFormer, lr: float = 1e-2, weight_decay: float = 5e-4) -> None:
+    def __init__(self, encoder: DIFFormer, lr: float = 1e-2, weight_decay: float = 5e-4,
+                 task: str = "regression") -> None:
+        # task comes from the data module in train.py; a classification one is refused here.
+        if task != "regression":
+            raise ValueError(f"the data is a {task} classification task: train it with NodeClassifier "
+                             f"(the default model of train.py), not NodeRegressor")
         if encoder.lin_out.out_features != 1:
             raise ValueError(f"NodeRegressor predicts one value per node: the encoder needs out_channels=1, "
                              f"got {encoder.lin_out.out_features}")
@@ -50,20 +58,31 @@ class NodeRegressor(EncoderModule):
         return loss
 
     def validation_step(self, batch: Data, batch_idx: int, dataloader_idx: int = 0) -> None:
-        split = SPLITS[dataloader_idx]
+        self._update_metrics(batch, SPLITS[dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        (val, _), (test, test_all_pairs) = (self._log_metrics(split) for split in SPLITS)
+        if self.record_best(val, test):
+            self.test_all_pairs_at_best_val.fill_(test_all_pairs)
+
+    def test_step(self, batch: Data, batch_idx: int) -> None:
+        self._update_metrics(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _update_metrics(self, batch: Data, split: str) -> None:
         prediction = self(batch)
         graphs = batch.get("batch")
         graphs = graphs if graphs is not None else torch.zeros_like(batch.y, dtype=torch.long)
         self.mse[split].update(prediction, batch.y)
         self.all_pairs[split].update(all_pairs_mse(prediction, batch.y, graphs))
 
-    def on_validation_epoch_end(self) -> None:
-        values, pairs = {}, {}
-        for split in SPLITS:
-            values[split], pairs[split] = self.mse[split].compute(), self.all_pairs[split].compute()
-            self.log(f"{split}/mse", values[split], prog_bar=split == "val", add_dataloader_idx=False)
-            self.log(f"{split}/mse_all_pairs", pairs[split], add_dataloader_idx=False)
-            self.mse[split].reset()
-            self.all_pairs[split].reset()
-        if self.record_best(values["val"], values["test"]):
-            self.test_all_pairs_at_best_val.fill_(pairs["test"])
+    def _log_metrics(self, split: str) -> Tuple[Tensor, Tensor]:
+        """Logs and resets ``split``'s per-node and all-pairs MSE; returns both."""
+        mse, all_pairs = self.mse[split].compute(), self.all_pairs[split].compute()
+        self.log(f"{split}/mse", mse, prog_bar=split == "val", add_dataloader_idx=False)
+        self.log(f"{split}/mse_all_pairs", all_pairs, add_dataloader_idx=False)
+        self.mse[split].reset()
+        self.all_pairs[split].reset()
+        return mse, all_pairs

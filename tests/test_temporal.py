@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
+from lightning.pytorch.callbacks import EarlyStopping
 
 from datamodules import TemporalDataModule
 from datamodules.temporal import chronological_split, snapshots_from_json
@@ -72,3 +73,43 @@ def test_chickenpox_trains_below_the_variance_in_batches_of_snapshots():
     assert len(trainer.train_dataloader) == 13  # 103 training snapshots, 8 per optimiser step
     raw = json.loads(source.read_text())
     assert len(raw["FX"]) - 4 == sum(len(v) for v in datamodule.splits.values())
+
+
+QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.parametrize("preset, kernel, use_graph", [("chickenpox_s", "simple", False),
+                                                       ("chickenpox_s_graph", "simple", True),
+                                                       ("chickenpox_a", "sigmoid", False),
+                                                       ("chickenpox_a_graph", "sigmoid", True)])
+def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_graph):
+    from train import main
+    cli = main(["fit", "--config", str(ROOT / "configs" / f"{preset}.yaml"), "--data.init_args.root", str(SHARED_DATA),
+                "--trainer.max_epochs", "20", *QUIET], save_config_callback=None)
+    model = cli.config.fit.model.init_args
+    encoder = model.encoder.init_args
+    assert isinstance(cli.model, NodeRegressor)
+    assert (encoder.kernel, encoder.use_graph) == (kernel, use_graph)
+    # the reference's recipe; sizes linked from the data: 4 lags in, one value out
+    built = cli.model.encoder
+    assert (built.lin_in.in_features, built.lin_out.out_features, encoder.hidden_channels, len(built.convs)) == (4, 1, 4, 2)
+    assert (model.lr, model.weight_decay) == (1e-2, 5e-4)
+    stopping = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
+    assert [(c.monitor, c.patience, c.mode) for c in stopping] == [("val/mse", 20, "min")]
+    test_variance = torch.cat([s.y for s in cli.datamodule.splits["test"]]).var().item()
+    assert float(cli.model.test_at_best_val) < test_variance
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/chickenpox_s.yaml", "--model", "difformer_lightning.NodeClassifier"],
+     "TemporalDataModule is a regression task but the model is difformer_lightning.NodeClassifier: "
+     "use --model difformer_lightning.NodeRegressor"),
+    (["--config", "configs/synthetic.yaml", "--model", "difformer_lightning.NodeRegressor"],
+     "is a classification task but the model is difformer_lightning.NodeRegressor: "
+     "use --model difformer_lightning.NodeClassifier"),
+])
+def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args, message, tmp_path):
+    from train import main
+    with pytest.raises(ValueError, match=message):
+        main(["fit", *args, "--data.init_args.root", str(tmp_path / "nothing here"), *QUIET],
+             save_config_callback=None)
