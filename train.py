@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks import Checkpoint, NonFiniteGuard
 from datamodules.base import ClassificationTargets
 from difformer_lightning import NodeRegressor
+from difformer_lightning.allocator import keep_freed_memory
 from difformer_lightning.checkpoint import check_checkpoint_file
 
 RUNS = "runs"
@@ -118,6 +119,7 @@ def _import(class_path: str) -> type:
 def main(args=None, **kwargs) -> DIFFormerCLI:
     # Runs write under ./runs (logs, checkpoints, the resolved config.yaml), never into the
     # source tree; a rerun overwrites the config it saved rather than refusing to start.
+    keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in every step
     kwargs.setdefault("trainer_defaults", {"default_root_dir": RUNS})
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return DIFFormerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -42,6 +42,27 @@ def memory_kb(pid: int) -> dict:
     return {"pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"], "rss": fields["Rss"]}
 
 
+def fit_command(store: str, batch_size: int, workers: int, devices: int, logs: str, extra: list) -> list:
+    """``train.py fit`` of configs/synthetic_partition.yaml on ``store``: training only, on CPU,
+    with the Throughput callback logging to CSV under ``logs``."""
+    command = [sys.executable, "train.py", "fit", "--config", "configs/synthetic_partition.yaml",
+               "--data.init_args.store", store, "--data.init_args.batch_size", str(batch_size),
+               "--data.init_args.num_workers", str(workers), "--trainer.accelerator", "cpu",
+               "--trainer.devices", str(devices), "--trainer.limit_val_batches", "0",
+               "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=callbacks.Throughput",
+               "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", logs, *extra]
+    return command + (["--trainer.strategy", "ddp"] if devices > 1 else [])
+
+
+def throughput(logs: str) -> tuple:
+    """Per epoch: the data-wait fractions and nodes per second the Throughput callback logged."""
+    rows = list(csv.DictReader(next(Path(logs).rglob("metrics.csv")).open()))
+    wait = [float(r["throughput/data_wait_fraction"]) for r in rows if r.get("throughput/data_wait_fraction")]
+    speed = [float(r["throughput/nodes_per_s"]) for r in rows if r.get("throughput/nodes_per_s")]
+    return wait, speed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True)
@@ -52,16 +73,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as logs:
-        command = [sys.executable, "train.py", "fit", "--config", "configs/synthetic_partition.yaml",
-                   "--data.init_args.store", args.store, "--data.init_args.batch_size", str(args.batch_size),
-                   "--data.init_args.num_workers", str(args.workers), "--trainer.accelerator", "cpu",
-                   "--trainer.devices", str(args.devices), "--trainer.max_epochs", "1",
-                   "--trainer.limit_train_batches", str(args.steps), "--trainer.limit_val_batches", "0",
-                   "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
-                   "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=callbacks.Throughput",
-                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", logs]
-        if args.devices > 1:
-            command += ["--trainer.strategy", "ddp"]
+        command = fit_command(args.store, args.batch_size, args.workers, args.devices, logs,
+                              ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(args.steps)])
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak_pss = peak_private = peak_processes = 0
@@ -74,9 +87,7 @@ def main() -> None:
             time.sleep(0.5)
         if child.returncode:
             raise SystemExit(f"training failed:\n{child.stderr.read()[-3000:]}")
-        rows = list(csv.DictReader(next(Path(logs).rglob("metrics.csv")).open()))
-        wait = [float(r["throughput/data_wait_fraction"]) for r in rows if r.get("throughput/data_wait_fraction")]
-        speed = [float(r["throughput/nodes_per_s"]) for r in rows if r.get("throughput/nodes_per_s")]
+        wait, speed = throughput(logs)
     result = {"store": args.store, "devices": args.devices, "workers_per_rank": args.workers,
               "batch_size": args.batch_size, "steps": args.steps, "seconds": round(time.perf_counter() - start, 1),
               "processes": peak_processes, "peak_total_pss_mb": round(peak_pss / 1024),

@@ -1,28 +1,35 @@
 """The normalised adjacency of DIFFormer's graph term, built once per forward pass."""
 import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import add_remaining_self_loops, to_torch_csr_tensor
+from torch_geometric.utils import add_remaining_self_loops
 
 
-class NormalizedGraph(NamedTuple):
+class NormalizedGraph:
     r"""The propagation matrix :math:`\hat{A} = D^{-1/2}(A + I)D^{-1/2}` of the graph term.
 
     ``edge_index`` holds the edges with one self loop per node (messages flow
     ``edge_index[0] -> edge_index[1]``), ``edge_weight`` the normalised value of
     every edge, and ``adjacency`` the same matrix as a sparse CSR tensor whose rows
-    are targets, ready for ``adjacency @ V``.
+    are targets, ready for ``adjacency @ V``. ``transposed`` (:math:`\hat{A}^\top`, for
+    gradients) is built on first use and then shared by every layer of the forward pass.
     """
 
-    edge_index: Tensor
-    edge_weight: Tensor
-    adjacency: Tensor
+    def __init__(self, edge_index: Tensor, edge_weight: Tensor, adjacency: Tensor) -> None:
+        self.edge_index, self.edge_weight, self.adjacency = edge_index, edge_weight, adjacency
+        self._transposed: Optional[Tensor] = None
 
     @property
     def num_nodes(self) -> int:
         return self.adjacency.size(0)
+
+    @property
+    def transposed(self) -> Tensor:
+        if self._transposed is None:
+            self._transposed = _csr(self.edge_index[0], self.edge_index[1], self.edge_weight, self.num_nodes)
+        return self._transposed
 
     @classmethod
     def build(cls, edge_index: Tensor, edge_weight: Optional[Tensor], num_nodes: int,
@@ -43,22 +50,47 @@ class NormalizedGraph(NamedTuple):
         norm = inv_sqrt[source] * inv_sqrt[target]
         if edge_weight is not None:
             norm = torch.nan_to_num(norm * edge_weight, nan=0.0, posinf=0.0, neginf=0.0)
-        with warnings.catch_warnings():  # torch warns about sparse CSR on every build
-            warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
-            adjacency = to_torch_csr_tensor(edge_index.flip(0), norm, size=(num_nodes, num_nodes))
-        return cls(edge_index, norm, adjacency)
+        return cls(edge_index, norm, _csr(target, source, norm, num_nodes))
 
     def propagate(self, values: Tensor) -> Tensor:
         """:math:`\\hat{A} V` for ``values`` of shape ``[N, ...]``, in float32.
 
         Sparse CSR products have no bfloat16 kernel (nor a bfloat16 backward), so the
-        product runs in float32 with autocast off.
+        product runs in float32 with autocast off. Its gradient is :math:`\\hat{A}^\\top G`
+        with the cached ``transposed``: autograd's own backward of a sparse product would
+        transpose (sort) the matrix again in every layer.
         """
         shape = values.shape
         with torch.autocast(device_type=values.device.type, enabled=False):
             dtype = accumulation_dtype(values.dtype)
-            out = self.adjacency.to(dtype) @ values.reshape(shape[0], -1).to(dtype)
+            out = _Propagate.apply(self, values.reshape(shape[0], -1).to(dtype))
         return out.reshape(shape)
+
+
+class _Propagate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: NormalizedGraph, values: Tensor) -> Tensor:
+        ctx.graph = graph
+        return graph.adjacency.to(values.dtype) @ values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, ctx.graph.transposed.to(grad.dtype) @ grad
+
+
+def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_nodes: int) -> Tensor:
+    """A sparse CSR matrix with an entry ``values[e]`` at ``(rows[e], columns[e])``.
+
+    Repeated entries stay separate (a product sums them, as coalescing would): PyG's
+    ``to_torch_csr_tensor`` coalesces, a sort by row and column plus a pass for duplicates,
+    where a stable sort by row is all CSR needs (measured 2x faster on 1.1M edges).
+    """
+    order = torch.sort(rows, stable=True).indices
+    row_pointer = torch.zeros(num_nodes + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=num_nodes), dim=0, out=row_pointer[1:])
+    with warnings.catch_warnings():  # torch warns about sparse CSR on every build
+        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
+        return torch.sparse_csr_tensor(row_pointer, columns[order], values[order], size=(num_nodes, num_nodes))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,7 @@
 """The DIFFormer encoder: an input block, L diffusion steps, an output map."""
 from typing import List, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -70,7 +71,7 @@ class DIFFormer(nn.Module):
 
     def diffuse(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
                 batch: Optional[Tensor] = None) -> List[Tensor]:
-        """The states :math:`[h_0, h_1, \dots, h_L]` of the diffusion, each ``[N, hidden_channels]``
+        r"""The states :math:`[h_0, h_1, \dots, h_L]` of the diffusion, each ``[N, hidden_channels]``
         (what :class:`~callbacks.Energy` evaluates the energy on)."""
         graph = None
         if self.needs_graph:
@@ -82,6 +83,10 @@ class DIFFormer(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             h = states[-1]
             update = conv(h, graph, batch)
-            h = self.alpha * update + (1.0 - self.alpha) * h if self.use_residual else update
+            if self.use_residual:  # alpha * update + (1 - alpha) * h in one pass instead of three
+                dtype = torch.promote_types(h.dtype, update.dtype)  # autocast may leave h in bfloat16
+                h = torch.lerp(h.to(dtype), update.to(dtype), self.alpha)
+            else:
+                h = update
             states.append(F.dropout(norm(h), self.dropout, self.training))
         return states
