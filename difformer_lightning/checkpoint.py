@@ -76,6 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # also match to continue a fit exactly (how the batches are drawn).
 DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_classes")
 DATA_TRAINING = ("batch_size", "seed", "fanout")
+# Model arguments that do not change results: a checkpoint resumes whatever they were.
+RUNTIME_OPTIONS = {"_instantiator", "compile_encoder"}
 
 
 def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
@@ -120,8 +122,10 @@ def _hparam_differences(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any
     # compared field by field: the weight check covers it.
     as_objects = {f"{key}." for values in (checkpoint.get("hyper_parameters", {}), hparams)
                   for key, value in values.items() if isinstance(value, nn.Module)}
-    keys = sorted(key for key in (saved.keys() | current.keys()) - {"_instantiator"}
-                  if not key.startswith(tuple(as_objects)))
+    # Not compared: options that do not change results, and the module's class path when the
+    # checkpoint predates saving it (train.py took only NodeClassifier then).
+    ignored = RUNTIME_OPTIONS | ({"_class_path"} if "_class_path" not in saved else set())
+    keys = sorted(key for key in (saved.keys() | current.keys()) - ignored if not key.startswith(tuple(as_objects)))
     if not fitting:
         keys = [key for key in keys if key.startswith("encoder.")]
     missing = "<not set>"

@@ -17,11 +17,18 @@ class EncoderModule(pl.LightningModule):
     checkpoint hooks: every rank's random state (dropout) for an exact resume, and a
     ``ValueError`` naming every difference when a checkpoint's model or data do not match.
     Subclasses set ``higher_is_better`` for their validation metric.
+
+    ``compile_encoder`` compiles the encoder with ``torch.compile`` (in place, so checkpoints
+    keep their parameter names). Off by default: benchmarks/step.py measured no gain on CPU
+    (README, Performance). It computes the same function (compiled dropout draws other random
+    numbers, so runs with dropout are not bitwise repeatable across the switch), and a
+    checkpoint resumes with it on or off.
     """
 
     higher_is_better = True
 
-    def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4) -> None:
+    def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
+                 compile_encoder: bool = False) -> None:
         super().__init__()
         with warnings.catch_warnings():
             # Keeping the encoder in hparams is deliberate: under LightningCLI it is saved as its
@@ -32,6 +39,10 @@ class EncoderModule(pl.LightningModule):
         self.encoder = encoder
         self.register_buffer("best_val", torch.tensor(float("-inf") if self.higher_is_better else float("inf")))
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
+
+    def configure_model(self) -> None:
+        if self.hparams.compile_encoder:
+            self.encoder.compile()
 
     def forward(self, batch: Data) -> Tensor:
         return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))

@@ -30,7 +30,8 @@ class NodeClassifier(EncoderModule):
     """
 
     def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
-                 task: str = "multiclass", metric: Literal["accuracy", "rocauc"] = "accuracy") -> None:
+                 task: str = "multiclass", metric: Literal["accuracy", "rocauc"] = "accuracy",
+                 compile_encoder: bool = False) -> None:
         # task is a str, not a Literal, so that train.py's link from a regression data module
         # reaches this message instead of a type error.
         if task == "regression":
@@ -40,7 +41,7 @@ class NodeClassifier(EncoderModule):
             raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
         if metric not in ("accuracy", "rocauc"):
             raise ValueError(f"unknown metric {metric!r}: choose 'accuracy' or 'rocauc'")
-        super().__init__(encoder, lr, weight_decay)
+        super().__init__(encoder, lr, weight_decay, compile_encoder)
         self.metric_name = "acc" if metric == "accuracy" else "rocauc"
         # Keyed "<split>_metric": a ModuleDict key "train" would clash with Module.train.
         self.metrics = nn.ModuleDict({f"{split}_metric": self._make_metric(task, metric) for split in SPLITS})
@@ -61,6 +62,15 @@ class NodeClassifier(EncoderModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "max_batch_nodes"):
             self.encoder.check_fits(datamodule.max_batch_nodes)
+
+    def on_train_epoch_start(self) -> None:
+        # An epoch-end checkpoint is written before Lightning resets the logged mean, so a run
+        # resumed from one would carry the finished epoch's losses into the next. The loop's
+        # progress still counts that epoch's batches here (as the data module's state_dict reads
+        # it); a run resumed mid-epoch (fewer batches done) keeps the checkpoint's partial mean.
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if processed == 0 or processed >= self.trainer.num_training_batches:
+            self.train_loss.reset()
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.hparams.task == "multilabel":

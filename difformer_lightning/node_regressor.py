@@ -36,7 +36,7 @@ class NodeRegressor(EncoderModule):
     metric_name = "mse"
 
     def __init__(self, encoder: DIFFormer, lr: float = 1e-2, weight_decay: float = 5e-4,
-                 task: str = "regression") -> None:
+                 task: str = "regression", compile_encoder: bool = False) -> None:
         # task comes from the data module in train.py; a classification one is refused here.
         if task != "regression":
             raise ValueError(f"the data is a {task} classification task: train it with NodeClassifier "
@@ -44,7 +44,7 @@ class NodeRegressor(EncoderModule):
         if encoder.lin_out.out_features != 1:
             raise ValueError(f"NodeRegressor predicts one value per node: the encoder needs out_channels=1, "
                              f"got {encoder.lin_out.out_features}")
-        super().__init__(encoder, lr, weight_decay)
+        super().__init__(encoder, lr, weight_decay, compile_encoder)
         self.mse = torch.nn.ModuleDict({split: MeanSquaredError() for split in SPLITS})
         self.all_pairs = torch.nn.ModuleDict({split: MeanMetric() for split in SPLITS})
         self.register_buffer("test_all_pairs_at_best_val", torch.tensor(float("nan")))

@@ -15,7 +15,7 @@ import torch
 from datamodules.partition import BatchBuilder, PartitionSampler
 from datamodules.synthetic import write_synthetic_store
 from difformer_lightning import NodeClassifier
-from difformer_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
+from difformer_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file, check_compatible
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_NODES = 1003  # not a multiple of any batch size used here
@@ -138,6 +138,39 @@ def test_resume_with_another_configuration_names_the_difference(tmp_path, store)
         assert result.returncode != 0
         assert all(name in result.stderr for name in names), result.stderr[-2000:]
         assert "Epoch" not in result.stdout
+
+
+def test_resuming_from_an_epoch_end_checkpoint_with_or_without_torch_compile(tmp_path, store):
+    """From the checkpoint written at an epoch's end, the next epoch logs what an uninterrupted run
+    logs (its loss mean must not include the finished epoch's losses). compile_encoder changes how
+    the encoder runs, not what it computes (without dropout, whose compiled kernels draw other
+    random numbers), so a checkpoint written without it resumes with it and ends alike."""
+    config = partition_config(tmp_path, store, batch_size=150)
+    no_dropout = ["--config", str(config), "--model.encoder.init_args.dropout", "0.0"]
+    plain = train(*no_dropout, "--trainer.max_epochs", "2", run_dir=tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    expected = last_epoch_metrics(tmp_path / "plain")
+    for name, options in (("resumed", []), ("compiled", ["--model.compile_encoder", "true"])):
+        first = train(*no_dropout, "--trainer.max_epochs", "1", run_dir=tmp_path / name)
+        resumed = train(*no_dropout, "--trainer.max_epochs", "2", "--ckpt_path", "last", *options,
+                        run_dir=tmp_path / name)
+        assert first.returncode == 0 and resumed.returncode == 0, (first.stderr + resumed.stderr)[-3000:]
+        got = last_epoch_metrics(tmp_path / name)
+        assert got["epoch"] == expected["epoch"] == 1
+        if not options:
+            assert got == expected
+        for key in ("val/acc", "test@best_val", "train/loss"):
+            assert got[key] == pytest.approx(expected[key], abs=2e-3), (name, key)  # compiled kernels round differently
+
+
+def test_a_checkpoints_model_class_is_compared_when_it_was_saved():
+    hparams = {"_class_path": "difformer_lightning.NodeClassifier", "lr": 0.1, "compile_encoder": True}
+    # written before train.py saved the class (it took only NodeClassifier), without compile_encoder
+    check_compatible({"hyper_parameters": {"lr": 0.1}}, hparams, {}, None, fitting=True)
+    regressor = {"hyper_parameters": {"_class_path": "difformer_lightning.NodeRegressor", "lr": 0.1}}
+    with pytest.raises(ValueError, match="model._class_path: checkpoint 'difformer_lightning.NodeRegressor', "
+                                         "this run 'difformer_lightning.NodeClassifier'"):
+        check_compatible(regressor, hparams, {}, None, fitting=True)
 
 
 def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
