@@ -85,11 +85,11 @@ import resource, sys, torch
 from difformer_lightning.allocator import keep_freed_memory
 kept = keep_freed_memory()
 faults = []
-for _ in range(3):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # 64 MiB, freed at once
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, faults[-1])
+print(kept, sorted(faults[2:])[len(faults[2:]) // 2])  # the median once the heap has settled
 """
 
 
@@ -105,6 +105,8 @@ def test_freed_memory_is_reused_without_page_faults():
         return kept == "True", int(faults)
     pages = 64 * 2**20 // 4096
     kept, faults = run("1")
-    assert kept and faults < pages // 100  # the freed block is reused: almost no new pages
+    # The freed block is reused: almost no new pages (an early allocation may still split the heap
+    # once, hence the median over repeats).
+    assert kept and faults < pages // 100
     kept, faults = run("0")
     assert not kept and faults > pages // 2  # glibc unmaps it on free and faults it in again
