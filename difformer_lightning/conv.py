@@ -102,7 +102,9 @@ class DIFFormerConv(nn.Module):
 
         ``graph`` is the :class:`NormalizedGraph` of the current nodes, required when
         ``needs_graph``; :class:`DIFFormer` builds it once for all its layers. ``batch``
-        (sorted graph ids) keeps the global attention within each graph.
+        (sorted graph ids) keeps the global attention within each graph. DIFFormer-s on one
+        graph with the reference's normalisation runs through :mod:`.fused` (the same function
+        with a hand-written backward); every other case through autograd on :mod:`.attention`.
         """
         if self.needs_graph and graph is None:
             raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph: "
