@@ -21,7 +21,9 @@ On CPU both models are first timed with glibc's default allocation, then with fr
 in the process (:func:`difformer_lightning.allocator.keep_freed_memory`, what ``train.py`` does),
 the setting of the main figures: ``ratio_vs_pyg`` compares the two under that same setting,
 ``ratio_vs_pyg_both_default_allocator`` under glibc's default, ``ratio_vs_pyg_default_allocator``
-ours as train.py runs it against PyG's default. ``--device cuda`` runs it on a GPU.
+ours as train.py runs it against PyG's default. Also on CPU: an element-wise add of two
+activations on fresh and on reused memory, the step's parts timed alone (``breakdown``) and the
+time to build the batch. ``--device cuda`` runs it on a GPU.
 """
 import argparse
 import platform
@@ -106,6 +108,36 @@ def build_batch(store: Path, store_nodes: int, batch_nodes: int, degree: float, 
     return BatchBuilder(store)[request]
 
 
+def breakdown(data, hidden: int, layers: int, repeats: int = 3) -> Dict[str, float]:
+    """Seconds of the step's parts, each timed alone at its shape (CPU): the dense products of
+    the diffusion layers (forward and backward, the fused layer's shapes; not the input and
+    output layers), the six sparse products, building
+    the normalised graph and its transpose, building the batch; and the product with the mix
+    matrix at D + 1 columns against the padded D + 8 rounding the fused layer uses."""
+    from difformer_lightning.graph import NormalizedGraph
+
+    n, h = data.num_nodes, hidden
+    x, w, p3 = torch.randn(n, h), torch.randn(3 * h, h), torch.randn(n, 3 * h)
+    padded = -(-(h + 1) // 8) * 8
+    mix, grad_product, square = torch.randn(h, padded), torch.randn(n, padded), torch.randn(h, h)
+    out_h, out_3h = torch.empty(n, h), torch.empty(n, 3 * h)
+
+    def best(work: Callable[[], object]) -> float:
+        work()
+        return min(_seconds(work) for _ in range(repeats))
+    per_layer = [lambda: torch.mm(x, w.t(), out=out_3h), lambda: torch.mm(x.t(), x),  # QKV, K^T V
+                 lambda: torch.mm(x, mix), lambda: torch.mm(p3, w, out=out_h),  # Q M, input gradient
+                 lambda: torch.mm(p3.t(), x), lambda: torch.mm(x.t(), grad_product),  # weight grad, Q^T dP
+                 lambda: torch.mm(grad_product, mix.t(), out=out_h),  # dQ
+                 lambda: torch.mm(x, square, out=out_h), lambda: torch.mm(x, square, out=out_h)]  # dK, dV
+    graph = NormalizedGraph.build(data.edge_index, None, n)
+    return {"dense_products_s": layers * sum(best(work) for work in per_layer),
+            "sparse_products_s": layers * (best(lambda: graph.adjacency @ x) + best(lambda: graph.transposed @ x)),
+            "graph_build_s": best(lambda: NormalizedGraph.build(data.edge_index, None, n).transposed),
+            "mix_product_unpadded_s": best(lambda: torch.mm(x, mix[:, :h + 1])),
+            "mix_product_padded_s": best(lambda: torch.mm(x, mix))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -126,6 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(args.store or Path(scratch) / "store")
         data = build_batch(store, args.store_nodes, args.batch_nodes, args.degree, args.features, args.classes)
+        batch_build_s = _seconds(lambda: build_batch(store, args.store_nodes, args.batch_nodes, args.degree,
+                                                     args.features, args.classes))
     device = torch.device(args.device)
     data = data.to(device)
     self_loops = data.num_nodes  # the graph term adds one per node (the batch has none)
@@ -147,11 +181,16 @@ def main() -> None:
                              device)
 
     if device.type == "cpu":
+        a, b = torch.randn(data.num_nodes, args.hidden), torch.randn(data.num_nodes, args.hidden)
+        result["add_fresh_memory_ms"] = 1e3 * min(_seconds(lambda: a + b) for _ in range(5))
         # First both with glibc's default allocation (how PyG runs unless told otherwise), then with
         # freed memory kept in the process (what train.py does), the setting of every other figure.
         result["ours_step_s_default_allocator"] = time_steps(step, max(1, args.repeats // 2))["step_s"]
         result["pyg_sgformer_step_s_default_allocator"] = time_steps(pyg_step, args.pyg_repeats)["step_s"]
         result["keeps_freed_memory"] = keep_freed_memory()
+        a + b
+        result["add_reused_memory_ms"] = 1e3 * min(_seconds(lambda: a + b) for _ in range(5))
+        result.update(batch_build_s=batch_build_s, **breakdown(data, args.hidden, args.layers))
     result["matmul_gflops"] = matmul_gflops() if device.type == "cpu" else _cuda_matmul_gflops(device)
     timed = time_steps(step, args.repeats)
     result.update(ours_first_step_s=timed["first_step_s"], ours_step_s=timed["step_s"], ours_steps_s=timed["steps_s"])

@@ -59,7 +59,7 @@ class _LinearDiffusion(torch.autograd.Function):
         norms = torch.stack([torch.linalg.vector_norm(projected[:, :num_heads * width]),
                              torch.linalg.vector_norm(projected[:, num_heads * width:2 * num_heads * width])])
         scale = 1.0 / norms.clamp_min(_EPS).prod()
-        attention_weight = (1.0 - graph_weight if graph_weight > 0 else 1.0) / num_heads
+        attention_weight, local_weight = _term_weights(graph_weight, num_heads)
         out, mixes, products = None, [], []
         for q, k, v in zip(query, key, values):
             mix, bias = _mix(k, v, scale, num_nodes)
@@ -76,7 +76,7 @@ class _LinearDiffusion(torch.autograd.Function):
             products.append(product)
         if graph is not None:
             mean_value = values[0] if num_heads == 1 or value is not None else torch.stack(values).mean(dim=0)
-            out.addmm_(graph.adjacency.to(out.dtype), mean_value, alpha=graph_weight if graph_weight > 0 else 1.0)
+            out.addmm_(graph.adjacency.to(out.dtype), mean_value, alpha=local_weight)
         ctx.save_for_backward(projected, value, norms, *mixes, *products)
         ctx.num_heads, ctx.graph, ctx.graph_weight = num_heads, graph, graph_weight
         return out
@@ -89,7 +89,7 @@ class _LinearDiffusion(torch.autograd.Function):
         query, key, values = _split(projected, value, heads)
         width = query[0].size(1)
         scale = 1.0 / norms.clamp_min(_EPS).prod()
-        attention_weight = (1.0 - graph_weight if graph_weight > 0 else 1.0) / heads
+        attention_weight, local_weight = _term_weights(graph_weight, heads)
 
         # Gradients of every head's product and mix (zero in the padding); the norms' scalar.
         grad_products, grad_mixes, norm_grad = [], [], grad.new_zeros(())
@@ -126,7 +126,6 @@ class _LinearDiffusion(torch.autograd.Function):
             target.add_(grad_product[:, :width].sum(dim=0))
         if ctx.graph is not None:
             transposed = ctx.graph.transposed.to(grad.dtype)
-            local_weight = graph_weight if graph_weight > 0 else 1.0
             if value is not None or heads == 1:
                 (grad_value if value is not None else grad_values[0]).addmm_(transposed, grad, alpha=local_weight)
             else:
@@ -136,9 +135,18 @@ class _LinearDiffusion(torch.autograd.Function):
         return grad_projected, grad_value, None, None, None
 
 
+def _term_weights(graph_weight: float, heads: int) -> Tuple[float, float]:
+    """Weights of each head's attention and of the graph term: mixed by ``graph_weight`` when it
+    is > 0, summed otherwise."""
+    if graph_weight > 0:
+        return (1.0 - graph_weight) / heads, graph_weight
+    return 1.0 / heads, 1.0
+
+
 def _mix(key: Tensor, value: Tensor, scale: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
     """``M = s [K^T V | K^T 1]`` and the bias ``[V^T 1 | N]`` of one head, zero-padded to a
-    multiple of 8 columns (measured: a product with 129 columns runs 15% slower than with 136)."""
+    multiple of 8 columns (a product with 129 columns runs about 15% slower than with 136;
+    benchmarks/step.py's ``mix_product_*``)."""
     width = key.size(1)
     columns = -(-(width + 1) // 8) * 8
     mix = key.new_zeros(width, columns)
