@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules import GraphStore, PlanetoidDataModule, RandomPartitionDataModule  # noqa: E402
 from datamodules.store import write_store_from_data  # noqa: E402
 from difformer_lightning import DIFFormer, NodeClassifier  # noqa: E402
-from difformer_lightning.inference import layerwise_inference  # noqa: E402
+from difformer_lightning.streaming import layerwise_inference  # noqa: E402
 from difformer_lightning.io import write_json_atomic  # noqa: E402
 
 

@@ -8,15 +8,18 @@ O(E) in total, where the reference scheme scans the whole edge list for every ba
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Literal, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch_geometric.typing
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch_geometric.data import Data
+
+from difformer_lightning.contracts import ExactEvaluationPlan, NodeRows
 
 from .base import ClassificationTargets
 from .store import SPLIT_CODES, GraphStore, StoreError
@@ -26,8 +29,10 @@ from .store import SPLIT_CODES, GraphStore, StoreError
 USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
 
 
-def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optional["NodeBitmap"] = None) -> Tensor:
-    """Edges among ``nodes`` as positions in ``nodes``: ``[2, E_b]``, messages row 0 -> row 1.
+def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor,
+                     member: Optional["NodeBitmap"] = None) -> Tuple[Tensor, Tensor]:
+    """Edges among ``nodes`` as positions in ``nodes``: ``[2, E_b]``, messages row 0 -> row 1, and the
+    position of each in ``col`` ``[E_b]`` (to pick its weight).
 
     ``nodes`` must be sorted and unique. Reads only the CSR rows of ``nodes``: cost
     O(sum of their in-degrees) for the gather and the membership test (a bitmap of N bits),
@@ -43,9 +48,9 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optiona
     if USE_PYG_LIB and rowptr.dtype == col.dtype:
         import pyg_lib
 
-        sub_rowptr, sub_col, _ = pyg_lib.sampler.subgraph(rowptr, col, nodes.to(rowptr.dtype), False)
+        sub_rowptr, sub_col, edge_id = pyg_lib.sampler.subgraph(rowptr, col, nodes.to(rowptr.dtype), True)
         target = torch.repeat_interleave(torch.arange(nodes.numel()), sub_rowptr[1:] - sub_rowptr[:-1])
-        return torch.stack([sub_col.long(), target])
+        return torch.stack([sub_col.long(), target]), edge_id.long()
     member = member if member is not None else NodeBitmap(rowptr.numel() - 1)
     starts = rowptr[nodes]
     counts = rowptr[nodes + 1] - starts
@@ -57,7 +62,7 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor, member: Optiona
     with member.marked(nodes):
         inside = member.contains(source).nonzero().flatten()
     target = torch.searchsorted(ends, inside, right=True)
-    return torch.stack([torch.searchsorted(nodes, source[inside].long()), target])
+    return torch.stack([torch.searchsorted(nodes, source[inside].long()), target]), positions[inside]
 
 
 class NodeBitmap:
@@ -98,16 +103,18 @@ class BatchBuilder(Dataset):
     """Turns a batch request from :class:`PartitionSampler` into a batch ``Data``.
 
     With ``fanout == 0`` the batch is the requested nodes and the subgraph they induce (random
-    node partition). With ``fanout > 0`` the requested nodes are *seeds*: ``fanout`` sampled
-    in-neighbours of each seed join the batch so that seeds keep part of their neighbourhood,
-    and only seeds count in the split masks (loss and metrics). The store is opened lazily in
-    each process: only its path crosses process boundaries (DataLoader workers, DDP ranks),
-    so every process maps the same files instead of receiving a pickled copy.
+    node partition), with the edges' weights when the store has them. With ``fanout > 0`` the
+    requested nodes are *seeds*: ``fanout`` sampled in-neighbours of each seed join the batch so that
+    seeds keep part of their neighbourhood, and only seeds count in the split masks (loss and metrics).
+    With ``rows_only`` a batch is a :class:`~difformer_lightning.contracts.NodeRows` (ids, labels and
+    masks, for the exact evaluation). The store is opened lazily in each process: only its path crosses
+    process boundaries (DataLoader workers, DDP ranks), so every process maps the same files instead of
+    receiving a pickled copy.
     """
 
-    def __init__(self, path: Path, fanout: int = 0) -> None:
+    def __init__(self, path: Path, fanout: int = 0, rows_only: bool = False) -> None:
         self.path = Path(path)
-        self.fanout = fanout
+        self.fanout, self.rows_only = fanout, rows_only
         self._store: Optional[GraphStore] = None
         self._member: Optional[NodeBitmap] = None
 
@@ -124,7 +131,7 @@ class BatchBuilder(Dataset):
         # Order inside a batch is free: sorted ids read the memory-mapped rows in file order.
         nodes = torch.sort(seeds.long()).values
         counted = torch.ones(nodes.numel(), dtype=torch.bool)
-        if self.fanout > 0:
+        if self.fanout > 0 and not self.rows_only:
             generator = torch.Generator().manual_seed(batch_seed)
             seeds = nodes
             nodes = torch.unique(torch.cat([seeds, sample_neighbors(store.rowptr, store.col, seeds, self.fanout,
@@ -133,19 +140,24 @@ class BatchBuilder(Dataset):
             counted = seeds[slot] == nodes
         code = store.split[nodes]
         y = store.y[nodes]
+        fields = dict(y=y.float() if store.multilabel else y.long(), n_id=nodes,
+                      **{f"{name}_mask": (code == value) & counted for name, value in SPLIT_CODES.items()})
+        if self.rows_only:
+            return NodeRows(**fields)
+        edge_index, edge_ids = induced_subgraph(store.rowptr, store.col, nodes, self._member)
+        if store.edge_weight is not None:
+            fields["edge_weight"] = store.edge_weight[edge_ids].float()
         # In-edges of the batch's nodes in the whole graph: callbacks.PartitionStats divides the
         # batch's edges by it to report how much of the graph a batch keeps.
         graph_in_edges = int((store.rowptr[nodes + 1] - store.rowptr[nodes]).sum())
-        return Data(x=store.x[nodes].float(), y=y.float() if store.multilabel else y.long(),
-                    edge_index=induced_subgraph(store.rowptr, store.col, nodes, self._member), n_id=nodes,
-                    graph_in_edges=graph_in_edges,
-                    **{f"{name}_mask": (code == value) & counted for name, value in SPLIT_CODES.items()})
+        return Data(x=store.x[nodes].float(), edge_index=edge_index, graph_in_edges=graph_in_edges, **fields)
 
     def __len__(self) -> int:
         return self.store.num_nodes
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "fanout": self.fanout, "_store": None, "_member": None}
+        return {"path": self.path, "fanout": self.fanout, "rows_only": self.rows_only, "_store": None,
+                "_member": None}
 
 
 class PartitionSampler(DistributedSampler):
@@ -229,23 +241,68 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
     (0.1 on ogbn-papers100M), so on large sparse graphs the graph term sees almost no edges.
     ``fanout > 0`` keeps locality without pyg-lib or METIS: each training batch is
     ``batch_size`` random *training* seeds plus ``fanout`` sampled in-neighbours of each seed,
-    and only seeds count in the loss and metrics; evaluation batches use every node as a
-    seed once. Validation, test and prediction use a fixed partition (consecutive node ids).
-    Batches are built in ``num_workers`` DataLoader processes while the model trains, and
-    copied into pinned memory when a GPU is used.
+    and only seeds count in the loss and metrics. Batches are built in ``num_workers`` DataLoader
+    processes while the model trains, and copied into pinned memory when a GPU is used.
+
+    Validation, test and prediction (``evaluation``):
+
+    * ``'exact'`` (the default, ``None``, wherever the kernel allows it): every node's output is
+      computed exactly over the whole graph, layer by layer over the store
+      (:func:`difformer_lightning.streaming.exact_states`), in chunks of ``eval_batch_size`` nodes on the
+      run's device and precision, shared among the DDP ranks; its layer states live in scratch arrays
+      under ``scratch_dir`` (the system's temporary folder by default; with several machines a folder
+      every machine mounts at the same path is required). DIFFormer-a's exact pass costs O(N^2): it runs
+      only when asked for (``evaluation='exact'``) and when its estimated cost is at most
+      ``exact_budget_flops``; otherwise the run says so at start and evaluates by partition.
+    * ``'partition'``: a fixed partition of consecutive node ids into batches of ``eval_batch_size``
+      (each node attends only to its batch: fast, but not the model's full-graph output).
     """
 
     def __init__(self, store: str, batch_size: int = 10_000, eval_batch_size: Optional[int] = None, seed: int = 0,
-                 num_workers: int = 2, fanout: int = 0) -> None:
+                 num_workers: int = 2, fanout: int = 0, evaluation: Optional[Literal["exact", "partition"]] = None,
+                 scratch_dir: Optional[str] = None, exact_budget_flops: float = 1e12) -> None:
         super().__init__()
         if fanout < 0:
             raise ValueError(f"fanout must be >= 0 (0: random partition), got {fanout}")
+        if evaluation not in (None, "exact", "partition"):
+            raise ValueError(f"unknown evaluation {evaluation!r}: choose 'exact' or 'partition' (or leave it unset: "
+                             f"exact wherever the kernel allows it)")
         self.path = Path(store)
         self.batch_size, self.seed, self.num_workers, self.fanout = batch_size, seed, num_workers, fanout
         self.eval_batch_size = eval_batch_size or batch_size
+        self.evaluation, self.exact_budget_flops = evaluation, exact_budget_flops
+        self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self._store: Optional[GraphStore] = None
         self._train_sampler: Optional[PartitionSampler] = None
         self._resume_at: Optional[Tuple[int, int]] = None
+        self._plan: Optional[ExactEvaluationPlan] = None
+
+    def evaluation_plan(self, encoder) -> Optional[ExactEvaluationPlan]:
+        """Exact evaluation for ``encoder`` (a ``DIFFormer``) unless ``evaluation='partition'`` or the kernel
+        is DIFFormer-a's without a request and a budget that allows it; says which, and why, on rank 0.
+        Raises a ``ValueError`` when several machines would share no scratch folder."""
+        num_nodes, kernel = self.store.num_nodes, encoder.kernel
+        exact = self.evaluation != "partition"
+        reason = "evaluation='partition'" if not exact else "every node's full-graph output"
+        if exact and kernel == "sigmoid":
+            flops = encoder.exact_evaluation_flops(num_nodes)
+            if self.evaluation is None:
+                exact = False
+                reason = (f"DIFFormer-a's exact pass costs O(N^2), about {flops:.2e} FLOPs here: pass "
+                          f"evaluation='exact' (and exact_budget_flops >= that) to evaluate every node exactly")
+            elif flops > self.exact_budget_flops:
+                exact = False
+                reason = (f"DIFFormer-a's exact pass would cost about {flops:.2e} FLOPs, above exact_budget_flops="
+                          f"{self.exact_budget_flops:.2e}; raise the budget to evaluate exactly")
+        machines = self.trainer.num_nodes if self.trainer is not None else 1
+        if exact and machines > 1 and self.scratch_dir is None:
+            raise ValueError(f"exact evaluation on {machines} machines needs a scratch folder that every machine mounts "
+                             f"at the same path: set data.scratch_dir (or evaluation='partition')")
+        mode = "exact" if exact else "partition batches of " + str(self.eval_batch_size)
+        rank_zero_info(f"{type(self).__name__}: validation, test and prediction by {mode} ({reason}).")
+        self._plan = (ExactEvaluationPlan(self.store, self.eval_batch_size, self.scratch_dir, shared=machines > 1)
+                      if exact else None)
+        return self._plan
 
     @property
     def store(self) -> GraphStore:
@@ -259,6 +316,10 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
                 if getattr(self._store, f"{split}_idx").numel() == 0:
                     raise StoreError(f"{self.path}: the {split} split names no node")
         return self._store
+
+    @property
+    def num_nodes(self) -> int:
+        return self.store.num_nodes
 
     @property
     def num_features(self) -> int:
@@ -325,9 +386,9 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         # An own generator: the DataLoader draws its worker base seed from it, not from the global
         # RNG, whose state (dropout) a mid-epoch checkpoint restores.
-        return DataLoader(BatchBuilder(self.path, self.fanout), sampler=sampler, batch_size=None,
-                          num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed))
+        builder = BatchBuilder(self.path, self.fanout, rows_only=not shuffle and self._plan is not None)
+        return DataLoader(builder, sampler=sampler, batch_size=None, num_workers=self.num_workers, pin_memory=on_gpu,
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         if self.fanout == 0:

@@ -4,7 +4,9 @@ A store is a directory of ``.npy`` arrays and a ``meta.json``:
 
 * ``rowptr`` int64 ``[N + 1]`` and ``col`` (int32 while N < 2**31, else int64) ``[E]``: the
   *incoming* edges of every node, so ``col[rowptr[i]:rowptr[i + 1]]`` are the sources of the
-  messages node ``i`` receives (for an undirected graph, its neighbours);
+  messages node ``i`` receives (for an undirected graph, its neighbours); duplicate edges and self
+  loops are kept as given;
+* optionally ``edge_weight`` float32 ``[E]``, the weight of each entry of ``col``;
 * ``x`` float16 or float32 ``[N, F]``; ``y`` int32 ``[N]`` (``-1`` = unlabelled) or uint8
   ``[N, T]`` for multi-label data;
 * ``train_idx``, ``val_idx``, ``test_idx`` int64, and ``split`` uint8 ``[N]`` (0 none, 1 train,
@@ -51,6 +53,7 @@ class GraphStore:
     train_idx: Tensor
     val_idx: Tensor
     test_idx: Tensor
+    edge_weight: Optional[Tensor] = None
 
     @property
     def num_nodes(self) -> int:
@@ -71,6 +74,19 @@ class GraphStore:
     @property
     def multilabel(self) -> bool:
         return self.meta["multilabel"]
+
+    def features(self, start: int, stop: int) -> Tensor:
+        """Features of nodes ``start .. stop - 1`` as float32 (:class:`~difformer_lightning.contracts.GraphSource`)."""
+        return self.x[start:stop].float()
+
+    def in_edges(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The edges into nodes ``start .. stop - 1``: sources (global ids), targets (``- start``), weights
+        or ``None`` (:class:`~difformer_lightning.contracts.GraphSource`). Reads only those CSR rows."""
+        begin, end = int(self.rowptr[start]), int(self.rowptr[stop])
+        counts = self.rowptr[start + 1:stop + 1] - self.rowptr[start:stop]
+        target = torch.repeat_interleave(torch.arange(stop - start), counts, output_size=end - begin)
+        weight = self.edge_weight[begin:end].float() if self.edge_weight is not None else None
+        return self.col[begin:end].long(), target, weight
 
     @classmethod
     def open(cls, path: Union[str, Path], validate: bool = True) -> "GraphStore":
@@ -138,6 +154,15 @@ def validate_store(store: GraphStore) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise StoreError(f"{store.path}: {split}_idx holds ids in [{int(index.min())}, {int(index.max())}] "
                              f"but there are {n} nodes")
+    if store.edge_weight is not None:
+        if store.edge_weight.shape != (e,):
+            raise StoreError(f"{store.path}: edge_weight has shape {tuple(store.edge_weight.shape)}, expected ({e},)")
+        for start in range(0, e, _CHECK_CHUNK):
+            chunk = store.edge_weight[start:start + _CHECK_CHUNK]
+            if not bool(torch.isfinite(chunk).all()):
+                bad = start + int((~torch.isfinite(chunk)).nonzero()[0])
+                raise StoreError(f"{store.path}: edge_weight holds {float(store.edge_weight[bad])} at edge {bad}; "
+                                 f"weights must be finite")
     if store.x.shape != (n, store.num_features) or store.y.size(0) != n or store.split.numel() != n:
         raise StoreError(f"{store.path}: x {tuple(store.x.shape)}, y {tuple(store.y.shape)} and split "
                          f"{tuple(store.split.shape)} do not all have {n} rows")
@@ -212,29 +237,37 @@ def column_dtype(num_nodes: int) -> np.dtype:
 
 def write_csr(writer: StoreWriter, num_nodes: int, edge_chunks) -> None:
     """Builds ``rowptr``/``col`` (incoming edges per node) from ``edge_chunks``, a callable that
-    returns a fresh iterable of ``(source, target)`` int64 numpy chunks each time it is called.
+    returns a fresh iterable of ``(source, target)`` int64 numpy chunks each time it is called, or of
+    ``(source, target, weight)`` for a weighted graph (then ``edge_weight`` is stored beside ``col``).
 
     Two passes with bounded memory: the first counts in-degrees, the second places every
-    source at its target's next free slot. Memory is O(N) for the write cursors plus one
-    chunk, never O(E).
+    source at its target's next free slot (edges into one node keep their given order; duplicates and
+    self loops are kept). Memory is O(N) for the write cursors plus one chunk, never O(E).
     """
     degree = np.zeros(num_nodes, dtype=np.int64)
-    for source, target in edge_chunks():
-        degree += np.bincount(target, minlength=num_nodes)
+    weighted = False
+    for chunk in edge_chunks():
+        degree += np.bincount(chunk[1], minlength=num_nodes)
+        weighted = weighted or len(chunk) == 3
     rowptr = writer.create("rowptr", (num_nodes + 1,), np.int64)
     rowptr[0] = 0
     np.cumsum(degree, out=rowptr[1:])
     col = writer.create("col", (int(rowptr[-1]),), column_dtype(num_nodes))
+    weights = writer.create("edge_weight", (int(rowptr[-1]),), np.float32) if weighted else None
     cursor = np.array(rowptr[:-1])
     del degree
-    for source, target in edge_chunks():
+    for chunk in edge_chunks():
+        source, target = chunk[0], chunk[1]
         order = np.argsort(target, kind="stable")
         target, source = target[order], source[order]
         # rank of each edge among the chunk's edges with the same target
         starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
         counts = np.diff(np.r_[starts, target.size])
         rank = np.arange(target.size) - np.repeat(starts, counts)
-        col[cursor[target] + rank] = source
+        slots = cursor[target] + rank
+        col[slots] = source
+        if weights is not None:
+            weights[slots] = chunk[2][order]
         cursor[target[starts]] += counts
 
 
@@ -259,16 +292,23 @@ def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: 
 
 def write_store_from_data(data, path: Union[str, Path], num_classes: Optional[int] = None,
                           feature_dtype=np.float32, chunk_edges: int = 1 << 22, overwrite: bool = False) -> Path:
-    """Converts a PyG ``Data`` (as validated by ``NodeDataModule``) into a store at ``path``."""
+    """Converts a PyG ``Data`` (as validated by ``NodeDataModule``) into a store at ``path``: every edge
+    as given (duplicates, self loops, direction) with its ``edge_weight`` when the data has one."""
     from .base import infer_num_classes
 
     multilabel = data.y.dim() == 2
     num_nodes = data.num_nodes
     edge_index = data.edge_index.numpy()
+    edge_weight = data.get("edge_weight")
+    edge_weight = edge_weight.float().numpy() if edge_weight is not None else None
 
     def edge_chunks():
         for start in range(0, edge_index.shape[1], chunk_edges):
-            yield edge_index[0, start:start + chunk_edges], edge_index[1, start:start + chunk_edges]
+            part = slice(start, start + chunk_edges)
+            if edge_weight is None:
+                yield edge_index[0, part], edge_index[1, part]
+            else:
+                yield edge_index[0, part], edge_index[1, part], edge_weight[part]
 
     y = data.y.numpy().astype(np.uint8 if multilabel else np.int32)
     splits = {name: data[f"{name}_mask"].nonzero().flatten().numpy() for name in SPLITS}

@@ -1,11 +1,23 @@
-"""The diffusivity kernels of DIFFormer, as functions of per-head queries, keys and values.
+"""The diffusivity kernels of DIFFormer, each defined once, as pieces every executor calls.
 
-Every function takes tensors of shape ``[N, H, D]`` and returns ``[N, H, D]``. They
-run with autocast disabled in float32 (float64 inputs stay float64): the global sums
-over all N nodes lose the data-dependent part of the denominator in bfloat16 and
-overflow in float16 above 65,504 nodes.
+* DIFFormer-s (``'simple'``): :class:`LinearAttentionStats`, the global sums over the nodes (that can
+  be accumulated over chunks, added, and all-reduced over ranks), and :meth:`LinearAttentionStats.attend`,
+  their combination with a block of queries. :func:`linear_attention` is the in-memory forward; the
+  fused layer (:mod:`.fused`) and the streamed forward (:mod:`.streaming`) use the same two pieces.
+* DIFFormer-a (``'sigmoid'``): :func:`sigmoid_sums`, the numerator and denominator of a block of
+  queries against a block of keys; :func:`sigmoid_attention` runs it in row blocks over all keys,
+  the streamed forward over chunks of keys too.
+* GAT (``'gat'``): :func:`edge_attention`, the softmax over each target's in-edges, exact for any
+  block of targets given their in-edges.
+
+Tensors are ``[N, H, D]`` (nodes, heads, channels) unless stated. The functions compute in their
+inputs' dtype; :class:`~difformer_lightning.DIFFormerConv` hands them float32 (float64 stays
+float64) with autocast disabled: the global sums over all N nodes lose the data-dependent part of
+the denominator in bfloat16 and overflow in float16 above 65,504 nodes.
 """
-from typing import Literal, Optional
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +27,127 @@ from torch_geometric.utils import scatter, softmax, to_dense_batch
 
 QKNorm = Literal["frobenius", "row"]
 
+# The clamp of the Frobenius norms (the reference's, and the fused layer's).
+NORM_EPS = 1e-12
 # Bytes a row block of the sigmoid kernel may hold per (row, node, head) entry: the
 # scores, their sigmoid, and in backward the recomputed pair plus their gradient, in
 # float32.
 _SIGMOID_BYTES_PER_ENTRY = 16
+# Graphs of a batch are padded to a common size in groups whose sizes differ by at most this factor.
+_SIZE_GROUP_RATIO = 1.25
+
+
+@dataclass
+class LinearAttentionStats:
+    r"""The global sums of DIFFormer-s over a set of nodes, for each graph ``g`` and head ``h``.
+
+    With :math:`\tilde{k}_l` the key of node ``l`` (normalised to unit length per row when
+    ``qk_norm='row'``, raw for ``'frobenius'``, whose scale is applied in :meth:`operator`):
+
+    * ``key_value`` ``[G, H, D, D]``: :math:`\sum_l \tilde{k}_l v_l^\top`;
+    * ``key_sum`` ``[G, H, D]``: :math:`\sum_l \tilde{k}_l`; ``value_sum`` ``[G, H, D]``: :math:`\sum_l v_l`;
+    * ``query_square``, ``key_square`` ``[G]``: :math:`\lVert Q \rVert_F^2`, :math:`\lVert K \rVert_F^2`
+      (the Frobenius normalisation's norms, over all heads);
+    * ``num_nodes`` ``[G]``.
+
+    Every field is a sum over nodes, so the statistics of a graph are the sum (``+``) of those of any
+    partition of its nodes into chunks, in any order, and over DDP ranks (:meth:`flatten` /
+    :meth:`unflatten` for one all-reduce). Source: DIFFORMER.md section 1, the reference's
+    ``full_attention_conv`` (kernel ``'simple'``).
+    """
+
+    key_value: Tensor
+    key_sum: Tensor
+    value_sum: Tensor
+    query_square: Tensor
+    key_square: Tensor
+    num_nodes: Tensor
+
+    @classmethod
+    def of(cls, query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm = "frobenius",
+           num_nodes: Optional[Tensor] = None) -> "LinearAttentionStats":
+        """The sums over the nodes of ``query``, ``key``, ``value`` ``[G, S, H, D]`` (``G`` graphs padded
+        to ``S`` rows with zeros; ``num_nodes`` ``[G]`` the real sizes, ``S`` each by default)."""
+        if num_nodes is None:
+            num_nodes = query.new_full((query.size(0),), query.size(1))
+        key = _normalized(key, qk_norm)
+        return cls(key_value=torch.einsum("gnhm,gnhd->ghmd", key, value), key_sum=key.sum(dim=1),
+                   value_sum=value.sum(dim=1), query_square=_square_norm(query), key_square=_square_norm(key),
+                   num_nodes=num_nodes.to(query.dtype))
+
+    def __add__(self, other: "LinearAttentionStats") -> "LinearAttentionStats":
+        return LinearAttentionStats(*(a + b for a, b in zip(self._fields(), other._fields())))
+
+    def _fields(self) -> Tuple[Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def to(self, dtype: torch.dtype) -> "LinearAttentionStats":
+        return LinearAttentionStats(*(t.to(dtype) for t in self._fields()))
+
+    def flatten(self) -> Tensor:
+        """All fields in one 1-D tensor (for one all-reduce); :meth:`unflatten` inverts it."""
+        return torch.cat([t.reshape(-1) for t in self._fields()])
+
+    def unflatten(self, flat: Tensor) -> "LinearAttentionStats":
+        """Fields of ``self``'s shapes read back from ``flat``."""
+        parts, start = [], 0
+        for t in self._fields():
+            parts.append(flat[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        return LinearAttentionStats(*parts)
+
+    def operator(self, qk_norm: QKNorm = "frobenius", columns: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        r"""``(M, b)`` such that a query row :math:`q` gives :math:`P = q M + b` with the numerator in
+        ``P[..., :D]`` and the denominator in ``P[..., D]``:
+
+        .. math::
+            M = s\,[\textstyle\sum_l \tilde{k}_l v_l^\top \mid \sum_l \tilde{k}_l], \qquad
+            b = [\textstyle\sum_l v_l \mid N]
+
+        ``M`` ``[G, H, Dk, C]``, ``b`` ``[G, H, C]`` with ``C = columns`` (zero-padded, at least ``D + 1``;
+        ``D`` is the values' width, ``Dk`` the keys').
+        :math:`s = 1 / (\lVert Q \rVert_F \lVert K \rVert_F)` (each clamped at ``NORM_EPS``) for
+        ``'frobenius'``, 1 for ``'row'`` (the queries are then normalised by :meth:`attend`).
+        """
+        width = self.value_sum.size(-1)
+        columns = columns or width + 1
+        scale = self.scale(qk_norm).view(-1, 1, 1)
+        mix = torch.cat([self.key_value, self.key_sum.unsqueeze(-1)], dim=-1) * scale.unsqueeze(-1)
+        bias = torch.cat([self.value_sum, self.num_nodes.view(-1, 1, 1).expand(*self.value_sum.shape[:2], 1)], dim=-1)
+        if columns > width + 1:
+            mix, bias = F.pad(mix, (0, columns - width - 1)), F.pad(bias, (0, columns - width - 1))
+        return mix, bias
+
+    def scale(self, qk_norm: QKNorm = "frobenius") -> Tensor:
+        """``[G]``: the Frobenius normalisation's :math:`1 / (\\lVert Q \\rVert \\lVert K \\rVert)`, or ones."""
+        if qk_norm == "row":
+            return torch.ones_like(self.query_square)
+        # clamped before the square root: a clamped norm is a constant, with no (NaN) gradient
+        norms = torch.stack([self.query_square, self.key_square]).clamp_min(NORM_EPS ** 2).sqrt()
+        return 1.0 / norms.prod(dim=0)
+
+    def attend(self, query: Tensor, qk_norm: QKNorm = "frobenius") -> Tensor:
+        r"""DIFFormer-s attention of ``query`` ``[G, S, H, D]`` over the nodes the statistics were summed
+        over: :math:`\mathrm{attn}_n = (\tilde{q}_n^\top \sum_l \tilde{k}_l v_l^\top + \sum_l v_l) /
+        (\tilde{q}_n^\top \sum_l \tilde{k}_l + N)`. Returns ``[G, S, H, D]``."""
+        mix, bias = self.operator(qk_norm)
+        product = torch.einsum("gnhm,ghmc->gnhc", _normalized(query, qk_norm), mix) + bias.unsqueeze(1)
+        return divide(product, self.value_sum.size(-1))
+
+
+def _square_norm(t: Tensor) -> Tensor:
+    """``[G]``: the squared Frobenius norm of each graph's ``[S, H, D]`` block (no temporary of t's size)."""
+    return torch.linalg.vector_norm(t, dim=(1, 2, 3)).square()
+
+
+def divide(product: Tensor, width: int) -> Tensor:
+    """Numerator over denominator of :meth:`LinearAttentionStats.operator`'s product ``[..., C]``."""
+    return product[..., :width] / product[..., width:width + 1]
+
+
+def _normalized(t: Tensor, qk_norm: QKNorm) -> Tensor:
+    """Rows of unit length for ``'row'`` (zero rows stay zero); ``'frobenius'`` scales in ``operator``."""
+    return F.normalize(t, dim=-1) if qk_norm == "row" else t
 
 
 def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm = "frobenius",
@@ -37,27 +166,43 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm 
 
     ``batch`` (sorted graph ids, as in a PyG ``Batch``) makes every sum, norm and ``N`` run
     over each node's own graph: attention never crosses graphs, and every graph gets exactly
-    what it would get alone. The graphs are padded to the largest one for the products.
+    what it would get alone. Graphs are padded only to the largest of their size group (sizes
+    within a factor 1.25), so many graphs cost at most 1.25 times one graph of the same total size.
+
+    Shapes: ``query``, ``key``, ``value`` ``[N, H, D]``, ``batch`` ``[N]`` -> ``[N, H, D]``.
     """
-    mask = None
     if batch is None:
-        query, key, value = (t.unsqueeze(0) for t in (query, key, value))  # one graph: [1, N, H, D]
-        sizes = query.new_full((1,), query.size(1))
-    else:
-        check_sorted(batch)
-        (query, mask), (key, _), (value, _) = (to_dense_batch(t, batch) for t in (query, key, value))
-        sizes = mask.sum(dim=1).to(query.dtype)
-    if qk_norm == "frobenius":
-        query = query / torch.linalg.vector_norm(query, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-        key = key / torch.linalg.vector_norm(key, dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-    else:
-        query = F.normalize(query, dim=-1)  # padding rows stay zero
-        key = F.normalize(key, dim=-1)
-    key_value = torch.einsum("gnhm,gnhd->ghmd", key, value)
-    numerator = torch.einsum("gnhm,ghmd->gnhd", query, key_value) + value.sum(dim=1, keepdim=True)
-    denominator = torch.einsum("gnhm,ghm->gnh", query, key.sum(dim=1)).unsqueeze(-1) + sizes.view(-1, 1, 1, 1)
-    out = numerator / denominator
-    return out[0] if mask is None else out[mask]
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        return LinearAttentionStats.of(query, key, value, qk_norm).attend(query, qk_norm)[0]
+    check_sorted(batch)
+    parts, order = [], []
+    for nodes, graph_ids in size_groups(batch):
+        (q, mask), (k, _), (v, _) = (to_dense_batch(t if nodes is None else t[nodes], graph_ids)
+                                     for t in (query, key, value))
+        stats = LinearAttentionStats.of(q, k, v, qk_norm, num_nodes=mask.sum(dim=1))
+        parts.append(stats.attend(q, qk_norm)[mask])
+        order.append(nodes)
+    if order[0] is None:
+        return parts[0]
+    inverse = torch.empty_like(batch)
+    inverse[torch.cat(order)] = torch.arange(batch.numel(), device=batch.device)
+    return torch.cat(parts)[inverse]
+
+
+def size_groups(batch: Tensor) -> Iterator[Tuple[Optional[Tensor], Tensor]]:
+    """Groups the graphs of a sorted ``batch`` by size so that padding a group to its largest graph at
+    most multiplies its rows by 1.25. Yields ``(nodes, graph_ids)``: the node positions of the group
+    (``None`` when it is every node, in order) and their graph ids renumbered ``0, 1, ...``."""
+    sizes = torch.bincount(batch)
+    level = torch.floor(torch.log(sizes.clamp_min(1).double()) / math.log(_SIZE_GROUP_RATIO)).long()
+    node_level = level[batch]
+    levels = torch.unique(node_level)
+    if levels.numel() == 1:
+        yield None, torch.unique_consecutive(batch, return_inverse=True)[1]
+        return
+    for value in levels:
+        nodes = torch.nonzero(node_level == value).flatten()
+        yield nodes, torch.unique_consecutive(batch[nodes], return_inverse=True)[1]
 
 
 def check_sorted(batch: Tensor) -> None:
@@ -68,10 +213,8 @@ def check_sorted(batch: Tensor) -> None:
 
 
 def sigmoid_rows_per_block(num_nodes: int, num_heads: int, block_bytes: int) -> int:
-    """How many query rows one block of DIFFormer-a may hold within ``block_bytes``.
-
-    Raises a ``ValueError`` when not even one row fits, before any work is done.
-    """
+    """How many query rows one block of DIFFormer-a may hold against ``num_nodes`` keys within
+    ``block_bytes``. Raises a ``ValueError`` when not even one row fits, before any work is done."""
     bytes_per_row = _SIGMOID_BYTES_PER_ENTRY * num_nodes * num_heads
     rows = block_bytes // bytes_per_row
     if rows < 1:
@@ -83,6 +226,25 @@ def sigmoid_rows_per_block(num_nodes: int, num_heads: int, block_bytes: int) -> 
     return min(rows, num_nodes)
 
 
+def sigmoid_sums(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""DIFFormer-a's sums for a block of queries against a block of keys:
+    :math:`\sum_l \sigma(q_n^\top k_l) v_l` ``[H, B, D]`` and :math:`\sum_l \sigma(q_n^\top k_l)` ``[H, B, 1]``.
+
+    ``query`` ``[H, B, D]``, ``key`` and ``value`` ``[H, L, D]`` (heads first). The attention over all
+    keys is the sum of these over any partition of the keys, numerator over denominator. Source: the
+    reference's ``full_attention_conv`` (kernel ``'sigmoid'``), unnormalised Q and K.
+    """
+    scores = torch.sigmoid(query @ key.transpose(-1, -2))  # [H, B, L]
+    # Normalising after the product divides B x D entries instead of B x L.
+    return scores @ value, scores.sum(dim=-1, keepdim=True)
+
+
+def _sigmoid_block(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """Rows of DIFFormer-a for ``query`` [H, B, D] against all keys/values [H, N, D]."""
+    numerator, denominator = sigmoid_sums(query, key, value)
+    return numerator / denominator
+
+
 def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: int = 2**30,
                       batch: Optional[Tensor] = None) -> Tensor:
     r"""DIFFormer-a: :math:`A_{nl} = \sigma(q_n^\top k_l)`, row-normalised, times V.
@@ -92,6 +254,8 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: in
     than one block, each block is recomputed in backward (activation checkpointing),
     so extra memory stays O(block x N) in training too. With ``batch`` (sorted graph ids)
     each graph attends only to itself, one graph after another.
+
+    Shapes: ``[N, H, D]`` each -> ``[N, H, D]``.
     """
     if batch is not None:
         check_sorted(batch)
@@ -114,26 +278,21 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: in
     return torch.cat(blocks, dim=1).transpose(0, 1)
 
 
-def _sigmoid_block(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """Rows of DIFFormer-a for ``query`` [H, B, D] against all keys/values [H, N, D]."""
-    scores = torch.sigmoid(query @ key.transpose(-1, -2))  # [H, B, N]
-    # Normalising after the product divides B x D entries instead of B x N.
-    return (scores @ value) / scores.sum(dim=-1, keepdim=True)
-
-
-def edge_attention(value: Tensor, att_source: Tensor, att_target: Tensor, edge_index: Tensor,
-                   negative_slope: float = 0.2) -> Tensor:
-    r"""GAT as a special case: attention restricted to the observed edges.
+def edge_attention(source_value: Tensor, target_value: Tensor, target: Tensor, att_source: Tensor,
+                   att_target: Tensor, negative_slope: float = 0.2) -> Tensor:
+    r"""GAT as a special case: attention restricted to the observed edges (self loops included).
 
     .. math::
         \alpha_{nl} = \mathrm{softmax}_{l \in \mathcal{N}(n)}
             \mathrm{LeakyReLU}(a_t^\top v_n + a_s^\top v_l)
 
-    ``edge_index`` must contain the self loops; ``att_source``/``att_target`` are ``[H, D]``.
+    Exact for any block of targets given all their in-edges: ``source_value`` ``[E, H, D]`` is the
+    value of each edge's source, ``target_value`` ``[T, H, D]`` those of the targets, ``target`` ``[E]``
+    each edge's target position in ``0 .. T - 1``; ``att_source``/``att_target`` are ``[H, D]``.
+    Returns ``[T, H, D]``. Source: Velickovic et al. 2018, as PyG's ``GATConv``.
     """
-    source, target = edge_index
-    score_source = (value * att_source).sum(dim=-1)  # [N, H]
-    score_target = (value * att_target).sum(dim=-1)
-    scores = F.leaky_relu(score_source[source] + score_target[target], negative_slope)
-    alpha = softmax(scores, target, num_nodes=value.size(0))  # [E, H]
-    return scatter(value[source] * alpha.unsqueeze(-1), target, dim=0, dim_size=value.size(0), reduce="sum")
+    score_source = (source_value * att_source).sum(dim=-1)  # [E, H]
+    score_target = (target_value * att_target).sum(dim=-1)  # [T, H]
+    scores = F.leaky_relu(score_source + score_target[target], negative_slope)
+    alpha = softmax(scores, target, num_nodes=target_value.size(0))  # [E, H]
+    return scatter(source_value * alpha.unsqueeze(-1), target, dim=0, dim_size=target_value.size(0), reduce="sum")

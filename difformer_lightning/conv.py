@@ -1,13 +1,14 @@
 """One DIFFormer diffusion layer."""
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import QKNorm, edge_attention, linear_attention, sigmoid_attention, sigmoid_rows_per_block
+from .attention import (QKNorm, LinearAttentionStats, edge_attention, linear_attention, sigmoid_attention,
+                        sigmoid_rows_per_block, sigmoid_sums)
 from .fused import fused_linear_diffusion
-from .graph import NormalizedGraph, accumulation_dtype
+from .graph import NormalizedGraph, accumulation_dtype, graph_term_weights
 
 Kernel = Literal["simple", "sigmoid", "gcn", "gat", "none"]
 KERNELS = get_args(Kernel)
@@ -44,6 +45,11 @@ class DIFFormerConv(nn.Module):
     (:math:`S V + \hat{A} V`), otherwise mixed with weight :math:`w`. The local kernels
     (``'gcn'``, ``'gat'``, ``'none'``) are defined by the graph or its absence, so
     ``use_graph`` and ``graph_weight`` do not apply to them.
+
+    The layer is exposed as the pieces every executor composes (:meth:`forward` in memory, the
+    streamed forward of :mod:`.streaming` chunk by chunk): :meth:`project`, the kernel's global part
+    (:meth:`statistics` and :meth:`attend` for ``'simple'``, :meth:`sigmoid_sums` for ``'sigmoid'``),
+    :meth:`local` (the graph term, or the ``'gcn'``/``'gat'`` diffusion) and :meth:`combine`.
 
     Args:
         in_channels: size of each input row.
@@ -104,22 +110,74 @@ class DIFFormerConv(nn.Module):
         ``needs_graph``; :class:`DIFFormer` builds it once for all its layers. ``batch``
         (sorted graph ids) keeps the global attention within each graph. DIFFormer-s on one
         graph with the reference's normalisation runs through :mod:`.fused` (the same function
-        with a hand-written backward); every other case through autograd on :mod:`.attention`.
+        with a hand-written backward); every other case through autograd on :meth:`project`,
+        the kernel, :meth:`local` and :meth:`combine`.
         """
         if self.needs_graph and graph is None:
             raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph: "
                              f"pass edge_index, or use use_graph=False / a kernel without a graph")
         if self.kernel == "simple" and self.qk_norm == "frobenius" and batch is None:
             return self._fused_simple(x, graph)
+        query, key, value = self.project(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.kernel == "simple":
+                attention = linear_attention(query, key, value, self.qk_norm, batch)
+            elif self.kernel == "sigmoid":
+                attention = sigmoid_attention(query, key, value, self.sigmoid_block_bytes, batch)
+            else:
+                attention = None
+            local = self.local(graph, value, value) if self.needs_graph else None
+            return self.combine(value, attention, local)
+
+    def project(self, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+        """``(Q, K, V)`` of ``x`` ``[N, in_channels]``, each ``[N, H, out_channels]`` (Q and K ``None`` for
+        the local kernels), in float32 (float64 stays float64): the projections run in autocast's dtype,
+        everything after them sums over nodes."""
         shape = (x.size(0), self.num_heads, self.out_channels)
-        # Projections run in autocast's dtype; the diffusion below sums over all nodes.
         value = self.value(x).view(shape) if self.use_weight else x.unsqueeze(1).expand(shape)
         query = self.query(x).view(shape) if self.query is not None else None
         key = self.key(x).view(shape) if self.key is not None else None
         dtype = accumulation_dtype(value.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            query, key, value = (None if t is None else t.to(dtype) for t in (query, key, value))
-            out = self._diffuse(query, key, value, graph, batch)
+        return tuple(None if t is None else t.to(dtype) for t in (query, key, value))
+
+    def statistics(self, query: Tensor, key: Tensor, value: Tensor) -> LinearAttentionStats:
+        """DIFFormer-s: the global sums over the nodes of ``query``, ``key``, ``value`` ``[N, H, D]``
+        (one graph, or one chunk of it; chunks' statistics add up)."""
+        return LinearAttentionStats.of(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), self.qk_norm)
+
+    def attend(self, query: Tensor, stats: LinearAttentionStats) -> Tensor:
+        """DIFFormer-s attention ``[N, H, D]`` of ``query`` ``[N, H, D]`` over the nodes of ``stats``."""
+        return stats.attend(query.unsqueeze(0), self.qk_norm)[0]
+
+    def sigmoid_sums(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
+        """DIFFormer-a: numerator ``[B, H, D]`` and denominator ``[B, H, 1]`` of ``query`` ``[B, H, D]``
+        against the keys and values ``[L, H, D]`` of one chunk of nodes (chunks' sums add up)."""
+        numerator, denominator = sigmoid_sums(*(t.transpose(0, 1) for t in (query, key, value)))
+        return numerator.transpose(0, 1), denominator.transpose(0, 1)
+
+    def local(self, graph: NormalizedGraph, source_value: Tensor, target_value: Tensor) -> Tensor:
+        """The diffusion along the graph, ``[T, H, D]``: :math:`\\hat{A} V` (the graph term, and
+        ``'gcn'``), or GAT attention over each target's in-edges (``'gat'``). ``graph`` holds rows of
+        :math:`\\hat{A}` (all of them, or a block of targets), ``source_value`` ``[S, H, D]`` the values of
+        its columns, ``target_value`` ``[T, H, D]`` those of its rows (used by ``'gat'``)."""
+        if self.kernel == "gat":
+            return edge_attention(source_value[graph.source], target_value, graph.target,
+                                  self.att_source.to(source_value.dtype), self.att_target.to(source_value.dtype))
+        return graph.propagate(source_value)
+
+    def combine(self, value: Tensor, attention: Optional[Tensor], local: Optional[Tensor]) -> Tensor:
+        """The layer's output ``[N, out_channels]``: the kernel's diffusion mixed with the graph term
+        (:func:`~.graph.graph_term_weights`), averaged over heads. ``attention`` is the all-pairs term
+        (``None`` for the local kernels), ``local`` the output of :meth:`local` (``None`` without graph)."""
+        if self.kernel == "none":
+            out = value
+        elif self.kernel in ("gcn", "gat"):
+            out = local
+        elif self.use_graph:
+            attention_weight, local_weight = graph_term_weights(self.graph_weight)
+            out = attention_weight * attention + local_weight * local
+        else:
+            out = attention
         return out.mean(dim=1)
 
     def _fused_simple(self, x: Tensor, graph: Optional[NormalizedGraph]) -> Tensor:
@@ -133,26 +191,6 @@ class DIFFormerConv(nn.Module):
             value = None if self.use_weight else x.to(dtype)
             return fused_linear_diffusion(projected.to(dtype), self.num_heads, graph if self.use_graph else None,
                                           self.graph_weight, value)
-
-    def _diffuse(self, query: Optional[Tensor], key: Optional[Tensor], value: Tensor,
-                 graph: Optional[NormalizedGraph], batch: Optional[Tensor]) -> Tensor:
-        if self.kernel == "none":
-            return value
-        if self.kernel == "gcn":
-            return graph.propagate(value)
-        if self.kernel == "gat":
-            return edge_attention(value, self.att_source.to(value.dtype), self.att_target.to(value.dtype),
-                                  graph.edge_index)
-        if self.kernel == "simple":
-            out = linear_attention(query, key, value, self.qk_norm, batch)
-        else:
-            out = sigmoid_attention(query, key, value, self.sigmoid_block_bytes, batch)
-        if not self.use_graph:
-            return out
-        local = graph.propagate(value)
-        if self.graph_weight > 0:
-            return (1.0 - self.graph_weight) * out + self.graph_weight * local
-        return out + local
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.num_heads}, "

@@ -1,5 +1,6 @@
 """What every LightningModule around a DIFFormer encoder shares."""
 import warnings
+from typing import Dict, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -7,7 +8,9 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
+from .contracts import ExactEvaluationData, ExactEvaluationPlan, NodeRows
 from .model import DIFFormer
+from .streaming import Collectives, ExactStates, exact_states
 
 
 class EncoderModule(pl.LightningModule):
@@ -17,6 +20,14 @@ class EncoderModule(pl.LightningModule):
     checkpoint hooks: every rank's random state (dropout) for an exact resume, and a
     ``ValueError`` naming every difference when a checkpoint's model or data do not match.
     Subclasses set ``higher_is_better`` for their validation metric.
+
+    Exact evaluation: when the data module evaluates exactly
+    (:class:`~.contracts.ExactEvaluationData`, e.g. ``RandomPartitionDataModule``), every validation,
+    test and prediction epoch starts with one exact forward pass over the whole graph
+    (:func:`~.streaming.exact_states`: on this module's device, under the Trainer's precision, its
+    chunks shared among the DDP ranks), and the evaluation batches (:class:`~.contracts.NodeRows`)
+    read their nodes' final states from it. :meth:`embed` and :meth:`evaluate` give the same for any
+    batch.
 
     ``compile_encoder`` compiles the encoder with ``torch.compile`` (in place, so checkpoints
     keep their parameter names). Off by default: benchmarks/step.py measured no gain on CPU
@@ -39,13 +50,85 @@ class EncoderModule(pl.LightningModule):
         self.encoder = encoder
         self.register_buffer("best_val", torch.tensor(float("-inf") if self.higher_is_better else float("inf")))
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
+        self._exact_plan: Optional[ExactEvaluationPlan] = None
+        self._exact: Optional[ExactStates] = None
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder:
             self.encoder.compile()
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "max_batch_nodes"):
+            self.encoder.check_fits(datamodule.max_batch_nodes)
+        if isinstance(datamodule, ExactEvaluationData):
+            self._exact_plan = datamodule.evaluation_plan(self.encoder)
+
     def forward(self, batch: Data) -> Tensor:
         return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))
+
+    def embed(self, batch: Data) -> Tensor:
+        """Final hidden states ``[B, hidden]`` of the batch's nodes: read from the exact pass for
+        :class:`~.contracts.NodeRows`, computed from the batch otherwise."""
+        if isinstance(batch, NodeRows):
+            if self._exact is None:
+                raise RuntimeError("an exact-evaluation batch (NodeRows) arrived outside an exact pass: the data "
+                                   "module's evaluation_plan() was not consulted in setup()")
+            return self._exact.rows(batch.n_id).to(self.device)
+        return self.encoder.diffuse(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))[-1]
+
+    def evaluate(self, batch: Data) -> Tensor:
+        """The encoder's outputs for an evaluation batch (see :meth:`embed`)."""
+        return self.encoder.decode(self.embed(batch))
+
+    def _start_exact_pass(self) -> None:
+        plan = self._exact_plan
+        if plan is None:
+            return
+        strategy = self.trainer.strategy
+        collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
+                                  all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
+                                  barrier=strategy.barrier, broadcast=strategy.broadcast, flush=plan.shared)
+        # Lightning applies the precision (autocast) around the steps only; the pass runs here, before them.
+        with self.trainer.precision_plugin.forward_context():
+            self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, plan.scratch_dir, self.device,
+                                       collectives)
+
+    def _end_exact_pass(self) -> None:
+        if self._exact is not None:
+            self._exact.release()
+            self._exact = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_exact_pass()
+
+    def on_validation_end(self) -> None:
+        self._end_exact_pass()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_exact_pass()
+
+    def on_test_end(self) -> None:
+        self._end_exact_pass()
+
+    def on_predict_epoch_start(self) -> None:
+        self._start_exact_pass()
+
+    def on_predict_end(self) -> None:
+        self._end_exact_pass()
+
+    def predict_step(self, batch: Data, batch_idx: int) -> Dict[str, Tensor]:
+        """``{"n_id", "logits", "embeddings"}`` of the batch's predicted nodes: all of them, or its seeds
+        (``seed_mask``) in neighbour-sampling batches; ``n_id`` is ``0 .. N - 1`` for a whole graph."""
+        embeddings = self.embed(batch)
+        logits = self.encoder.decode(embeddings)
+        n_id = batch.get("n_id")
+        if n_id is None:
+            n_id = torch.arange(embeddings.size(0), device=embeddings.device)
+        seeds = batch.get("seed_mask")
+        if seeds is not None:
+            n_id, logits, embeddings = n_id[seeds], logits[seeds], embeddings[seeds]
+        return {"n_id": n_id, "logits": logits, "embeddings": embeddings}
 
     def record_best(self, val: Tensor, test: Tensor) -> bool:
         """Updates and logs ``val/best`` and ``test@best_val``; True when ``val`` is a new best."""

@@ -34,9 +34,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .graph import NormalizedGraph
-
-_EPS = 1e-12  # the norms' clamp, as linear_attention (and the reference) clamp them
+from .attention import NORM_EPS, LinearAttentionStats
+from .graph import NormalizedGraph, graph_term_weights
 
 
 def fused_linear_diffusion(projected: Tensor, num_heads: int, graph: Optional[NormalizedGraph] = None,
@@ -46,6 +45,8 @@ def fused_linear_diffusion(projected: Tensor, num_heads: int, graph: Optional[No
     ``projected`` is ``[N, 3 H D]`` (Q, K, V of every head side by side, as one linear layer
     makes them) or, with ``value`` ``[N, D]`` shared by all heads (``use_weight=False``),
     ``[N, 2 H D]``. ``graph`` adds the graph term (mixed by ``graph_weight`` when it is > 0).
+    The global sums, their combination with the queries and the mix rule are those of
+    :class:`~.attention.LinearAttentionStats` and :func:`~.graph.graph_term_weights`.
     """
     return _LinearDiffusion.apply(projected, value, num_heads, graph, graph_weight)
 
@@ -54,15 +55,20 @@ class _LinearDiffusion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected: Tensor, value: Optional[Tensor], num_heads: int,
                 graph: Optional[NormalizedGraph], graph_weight: float) -> Tensor:
-        query, key, values = _split(projected, value, num_heads)
+        query, _, values = _split(projected, value, num_heads)
         num_nodes, width = projected.size(0), query[0].size(1)
-        norms = torch.stack([torch.linalg.vector_norm(projected[:, :num_heads * width]),
-                             torch.linalg.vector_norm(projected[:, num_heads * width:2 * num_heads * width])])
-        scale = 1.0 / norms.clamp_min(_EPS).prod()
-        attention_weight, local_weight = _term_weights(graph_weight, num_heads)
-        out, mixes, products = None, [], []
-        for q, k, v in zip(query, key, values):
-            mix, bias = _mix(k, v, scale, num_nodes)
+        shape, heads_width = (1, num_nodes, num_heads, width), num_heads * width
+        all_query, all_key = (projected[:, i * heads_width:(i + 1) * heads_width].view(shape) for i in range(2))
+        all_value = (value.unsqueeze(1).expand(shape[1:]).unsqueeze(0) if value is not None
+                     else projected[:, 2 * heads_width:].view(shape))
+        stats = LinearAttentionStats.of(all_query, all_key, all_value, "frobenius")
+        # [H, D, C] and [H, C], C padded to a multiple of 8 columns (a product with 129 columns runs
+        # about 15% slower than with 136; benchmarks/step.py's ``mix_product_*``)
+        mixes, biases = (t[0] for t in stats.operator("frobenius", columns=-(-(width + 1) // 8) * 8))
+        norms = torch.stack([stats.query_square, stats.key_square]).sqrt().flatten()
+        attention_weight, local_weight = _term_weights(graph_weight, num_heads, graph is not None)
+        out, products = None, []
+        for q, mix, bias in zip(query, mixes, biases):
             # [N, D + 1 (+ zero padding)]: numerators with sum V added, then denominators with N added
             product = torch.addmm(bias, q, mix)
             numerator, denominator = product[:, :width], product[:, width:width + 1]
@@ -72,7 +78,6 @@ class _LinearDiffusion(torch.autograd.Function):
                     out.mul_(attention_weight)
             else:
                 out.addcdiv_(numerator, denominator, value=attention_weight)
-            mixes.append(mix)
             products.append(product)
         if graph is not None:
             mean_value = values[0] if num_heads == 1 or value is not None else torch.stack(values).mean(dim=0)
@@ -88,8 +93,8 @@ class _LinearDiffusion(torch.autograd.Function):
         mixes, products = saved[:heads], saved[heads:]
         query, key, values = _split(projected, value, heads)
         width = query[0].size(1)
-        scale = 1.0 / norms.clamp_min(_EPS).prod()
-        attention_weight, local_weight = _term_weights(graph_weight, heads)
+        scale = 1.0 / norms.clamp_min(NORM_EPS).prod()
+        attention_weight, local_weight = _term_weights(graph_weight, heads, ctx.graph is not None)
 
         # Gradients of every head's product and mix (zero in the padding); the norms' scalar.
         grad_products, grad_mixes, norm_grad = [], [], grad.new_zeros(())
@@ -110,7 +115,7 @@ class _LinearDiffusion(torch.autograd.Function):
         grad_projected = torch.empty_like(projected)
         grad_query, grad_key, grad_values = _split(grad_projected, value, heads)
         # d||X|| / dX = X / ||X||; a clamped norm is a constant.
-        norm_factor = torch.where(norms > _EPS, -norm_grad / norms.clamp_min(_EPS) ** 2, 0.0).tolist()
+        norm_factor = torch.where(norms > NORM_EPS, -norm_grad / norms.clamp_min(NORM_EPS) ** 2, 0.0).tolist()
         # V's gradient: K dKV + 1 dSigma_V^T per head (summed when the heads share one value), then
         # the graph term's A^T G added in place (no temporary when one product serves every head).
         grad_value = torch.empty_like(value) if value is not None else None
@@ -135,28 +140,11 @@ class _LinearDiffusion(torch.autograd.Function):
         return grad_projected, grad_value, None, None, None
 
 
-def _term_weights(graph_weight: float, heads: int) -> Tuple[float, float]:
-    """Weights of each head's attention and of the graph term: mixed by ``graph_weight`` when it
-    is > 0, summed otherwise."""
-    if graph_weight > 0:
-        return (1.0 - graph_weight) / heads, graph_weight
-    return 1.0 / heads, 1.0
-
-
-def _mix(key: Tensor, value: Tensor, scale: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
-    """``M = s [K^T V | K^T 1]`` and the bias ``[V^T 1 | N]`` of one head, zero-padded to a
-    multiple of 8 columns (a product with 129 columns runs about 15% slower than with 136;
-    benchmarks/step.py's ``mix_product_*``)."""
-    width = key.size(1)
-    columns = -(-(width + 1) // 8) * 8
-    mix = key.new_zeros(width, columns)
-    torch.mm(key.t(), value, out=mix[:, :width])
-    torch.sum(key, dim=0, out=mix[:, width])
-    mix.mul_(scale)
-    bias = key.new_zeros(columns)
-    torch.sum(value, dim=0, out=bias[:width])
-    bias[width] = num_nodes
-    return mix, bias
+def _term_weights(graph_weight: float, heads: int, with_graph: bool) -> Tuple[float, float]:
+    """Weights of each head's attention (the mean over heads folded in) and of the graph term; without
+    a graph the attention is the whole output, whatever ``graph_weight`` says."""
+    attention_weight, local_weight = graph_term_weights(graph_weight) if with_graph else (1.0, 0.0)
+    return attention_weight / heads, local_weight
 
 
 def _split(projected: Tensor, value: Optional[Tensor], heads: int) -> Tuple[list, list, list]:

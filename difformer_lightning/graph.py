@@ -1,70 +1,166 @@
-"""The normalised adjacency of DIFFormer's graph term, built once per forward pass."""
+r"""DIFFormer's graph term :math:`\hat{A} V`, :math:`\hat{A} = D^{-1/2}(A + I)D^{-1/2}`, and its rules.
+
+The rules are defined once here and used by every executor (the in-memory forward over a whole
+graph, the partition batches, and the streamed exact forward over the rows of a graph store):
+
+* :func:`one_self_loop`: every target keeps exactly one self loop (existing ones are dropped; the
+  new one carries the weight of the last existing one, else 1), as PyG's
+  ``add_remaining_self_loops`` does, but for any block of consecutive targets;
+* :func:`gcn_degree`: the degree counts a target's in-edges after that rule (edges, not weights);
+* :func:`normalized_in_edges`: the value of edge ``source -> target`` is
+  ``deg(source)^-1/2 * deg(target)^-1/2``, times the edge weight when there are weights, with NaN/inf
+  values zeroed;
+* :func:`graph_term_weights`: how the graph term is mixed with the all-pairs attention.
+
+Source: the reference's ``gcn_conv`` and ``DIFFormer`` forward (DIFFORMER.md section 1).
+"""
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import add_remaining_self_loops
+
+
+def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_targets: int,
+                  start: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The in-edges of targets ``start .. start + num_targets - 1`` with exactly one self loop each.
+
+    ``source`` holds global node ids, ``target`` positions in the block (``0 .. num_targets - 1``).
+    Existing self loops (``source == start + target``), repeated or not, are replaced by one loop per
+    target, appended at the end; it carries the weight of the target's last existing loop in edge order,
+    else 1 (PyG's ``add_remaining_self_loops`` semantics). Written here rather than calling PyG's function
+    because the streamed forward applies it to one block of targets of a graph at a time.
+
+    Shapes: ``source``, ``target``, ``weight`` ``[E]`` -> the same three ``[E' ]`` (``weight`` stays
+    ``None`` when it is).
+    """
+    is_loop = source == target + start
+    keep = ~is_loop
+    loops = torch.arange(num_targets, device=target.device)
+    new_source = torch.cat([source[keep], loops + start])
+    new_target = torch.cat([target[keep], loops])
+    if weight is None:
+        return new_source, new_target, None
+    loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
+    if bool(is_loop.any()):
+        position = torch.nonzero(is_loop).flatten()
+        loop_target = target[position]
+        last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
+        last.scatter_reduce_(0, loop_target, position, reduce="amax")
+        has_loop = last >= 0
+        loop_weight[has_loop] = weight[last[has_loop]]
+    return new_source, new_target, torch.cat([weight[keep], loop_weight])
+
+
+def gcn_degree(source: Tensor, target: Tensor, num_targets: int, start: int = 0) -> Tensor:
+    """In-degrees of targets ``start ..`` after :func:`one_self_loop`: in-edges other than self loops,
+    plus one. Counts edges, not weights (as the reference). ``[num_targets]`` int64, never 0."""
+    not_loop = source != target + start
+    return torch.bincount(target[not_loop], minlength=num_targets) + 1
+
+
+def normalized_in_edges(source: Tensor, target: Tensor, weight: Optional[Tensor], inv_sqrt_degree: Tensor,
+                        num_targets: int, start: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Edges into targets ``start .. start + num_targets - 1`` with their values in :math:`\hat{A}`.
+
+    ``inv_sqrt_degree`` is :math:`\deg^{-1/2}` of every node (:func:`gcn_degree`), indexed by global id.
+    Returns ``source`` (global ids), ``target`` (positions in the block) and the values, after
+    :func:`one_self_loop`; the values are in ``inv_sqrt_degree``'s dtype.
+    """
+    if weight is not None:
+        weight = weight.to(inv_sqrt_degree.dtype)
+    source, target, weight = one_self_loop(source, target, weight, num_targets, start)
+    values = inv_sqrt_degree[source] * inv_sqrt_degree[target + start]
+    if weight is not None:
+        values = torch.nan_to_num(values * weight, nan=0.0, posinf=0.0, neginf=0.0)
+    return source, target, values
+
+
+def graph_term_weights(graph_weight: float) -> Tuple[float, float]:
+    """Weights of the all-pairs attention and of the graph term: ``(1 - w, w)`` for ``graph_weight = w
+    > 0``, a plain sum ``(1, 1)`` otherwise (the reference's ``graph_weight`` rule)."""
+    if graph_weight > 0:
+        return 1.0 - graph_weight, graph_weight
+    return 1.0, 1.0
 
 
 class NormalizedGraph:
-    r"""The propagation matrix :math:`\hat{A} = D^{-1/2}(A + I)D^{-1/2}` of the graph term.
+    r"""The propagation matrix :math:`\hat{A}` of the graph term, or a block of its rows.
 
-    ``edge_index`` holds the edges with one self loop per node (messages flow
-    ``edge_index[0] -> edge_index[1]``), ``edge_weight`` the normalised value of
-    every edge, and ``adjacency`` the same matrix as a sparse CSR tensor whose rows
-    are targets, ready for ``adjacency @ V``. ``transposed`` (:math:`\hat{A}^\top`, for
-    gradients) is built on first use and then shared by every layer of the forward pass.
+    ``source`` (column ids, positions in the values given to :meth:`propagate`), ``target`` (row ids)
+    and ``edge_weight`` (the normalised values) list the edges with one self loop per target;
+    ``adjacency`` is the same matrix as a sparse CSR tensor ``[num_targets, num_sources]``, ready for
+    ``adjacency @ V``. For a whole graph both sizes are N; the streamed forward builds one block of
+    target rows at a time (:meth:`rows`) against the gathered rows of its sources. ``transposed``
+    (:math:`\hat{A}^\top`, for gradients) is built on first use and then shared by every layer.
     """
 
-    def __init__(self, edge_index: Tensor, edge_weight: Tensor, adjacency: Tensor) -> None:
-        self.edge_index, self.edge_weight, self.adjacency = edge_index, edge_weight, adjacency
+    def __init__(self, source: Tensor, target: Tensor, edge_weight: Tensor, num_targets: int,
+                 num_sources: int) -> None:
+        self.source, self.target, self.edge_weight = source, target, edge_weight
+        self.num_targets, self.num_sources = num_targets, num_sources
+        self.adjacency = _csr(target, source, edge_weight, num_targets, num_sources)
         self._transposed: Optional[Tensor] = None
 
     @property
     def num_nodes(self) -> int:
-        return self.adjacency.size(0)
+        return self.num_targets
+
+    @property
+    def edge_index(self) -> Tensor:
+        """``[2, E]``: sources (row 0) and targets (row 1), self loops included."""
+        return torch.stack([self.source, self.target])
 
     @property
     def transposed(self) -> Tensor:
         if self._transposed is None:
-            self._transposed = _csr(self.edge_index[0], self.edge_index[1], self.edge_weight, self.num_nodes)
+            self._transposed = _csr(self.source, self.target, self.edge_weight, self.num_sources, self.num_targets)
         return self._transposed
 
     @classmethod
     def build(cls, edge_index: Tensor, edge_weight: Optional[Tensor], num_nodes: int,
               dtype: torch.dtype = torch.float32) -> "NormalizedGraph":
-        """Adds missing self loops and normalises as the reference code does.
+        """:math:`\\hat{A}` of a whole graph: ``edge_index`` ``[2, E]`` (messages row 0 -> row 1), optional
+        ``edge_weight`` ``[E]``; values in ``dtype`` (float32 unless more is asked for).
 
-        The degree counts edges at their target and ignores edge weights, which then
-        multiply the normalised values. This differs from PyG's ``gcn_norm`` (weighted
-        degree), so it is computed here. Values are float32 unless ``dtype`` asks for more.
+        The degree counts edges at their target and ignores edge weights, which then multiply the
+        normalised values. This differs from PyG's ``gcn_norm`` (weighted degree), so it is computed here.
         """
-        if edge_weight is not None:
-            edge_weight = edge_weight.to(dtype)
-        edge_index, edge_weight = add_remaining_self_loops(edge_index, edge_weight, fill_value=1.0,
-                                                           num_nodes=num_nodes)
         source, target = edge_index
-        degree = torch.bincount(target, minlength=num_nodes).to(dtype)
-        inv_sqrt = degree.pow(-0.5).masked_fill_(degree == 0, 0.0)
-        norm = inv_sqrt[source] * inv_sqrt[target]
-        if edge_weight is not None:
-            norm = torch.nan_to_num(norm * edge_weight, nan=0.0, posinf=0.0, neginf=0.0)
-        return cls(edge_index, norm, _csr(target, source, norm, num_nodes))
+        inv_sqrt_degree = gcn_degree(source, target, num_nodes).to(dtype).pow(-0.5)
+        source, target, values = normalized_in_edges(source, target, edge_weight, inv_sqrt_degree, num_nodes)
+        return cls(source, target, values, num_nodes, num_nodes)
+
+    @classmethod
+    def rows(cls, source: Tensor, target: Tensor, weight: Optional[Tensor], inv_sqrt_degree: Tensor, start: int,
+             num_targets: int, device: Optional[torch.device] = None) -> Tuple["NormalizedGraph", Tensor]:
+        """Rows ``start .. start + num_targets - 1`` of :math:`\\hat{A}` from their in-edges (``source``
+        global ids, ``target`` positions in the block, ``weight`` or ``None``; on ``inv_sqrt_degree``'s
+        device, the block is then moved to ``device``).
+
+        Returns the block, whose columns are the distinct sources, and those sources' global ids
+        ``[S]`` (sorted, on the CPU): ``block.propagate(V[ids])`` equals rows ``start ..`` of
+        ``build(...).propagate(V)``.
+        """
+        source, target, values = normalized_in_edges(source, target, weight, inv_sqrt_degree, num_targets, start)
+        ids, columns = torch.unique(source, return_inverse=True)
+        if device is not None:
+            columns, target, values = columns.to(device), target.to(device), values.to(device)
+        return cls(columns, target, values, num_targets, ids.numel()), ids
 
     def propagate(self, values: Tensor) -> Tensor:
-        """:math:`\\hat{A} V` for ``values`` of shape ``[N, ...]``, in float32.
+        """:math:`\\hat{A} V` for ``values`` ``[num_sources, ...]`` -> ``[num_targets, ...]``, in float32
+        (or float64 for float64 values).
 
-        Sparse CSR products have no bfloat16 kernel (nor a bfloat16 backward), so the
-        product runs in float32 with autocast off. Its gradient is :math:`\\hat{A}^\\top G`
-        with the cached ``transposed``: autograd's own backward of a sparse product would
-        transpose (sort) the matrix again in every layer.
+        Sparse CSR products have no bfloat16 kernel (nor a bfloat16 backward), so the product runs in
+        float32 with autocast off. Its gradient is :math:`\\hat{A}^\\top G` with the cached ``transposed``:
+        autograd's own backward of a sparse product would transpose (sort) the matrix again in every layer.
         """
         shape = values.shape
         with torch.autocast(device_type=values.device.type, enabled=False):
             dtype = accumulation_dtype(values.dtype)
             out = _Propagate.apply(self, values.reshape(shape[0], -1).to(dtype))
-        return out.reshape(shape)
+        return out.reshape(self.num_targets, *shape[1:])
 
 
 class _Propagate(torch.autograd.Function):
@@ -78,7 +174,7 @@ class _Propagate(torch.autograd.Function):
         return None, ctx.graph.transposed.to(grad.dtype) @ grad
 
 
-def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_nodes: int) -> Tensor:
+def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_rows: int, num_columns: int) -> Tensor:
     """A sparse CSR matrix with an entry ``values[e]`` at ``(rows[e], columns[e])``.
 
     Repeated entries stay separate (a product sums them, as coalescing would): PyG's
@@ -86,11 +182,11 @@ def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_nodes: int) -> Tenso
     where a stable sort by row is all CSR needs.
     """
     order = torch.sort(rows, stable=True).indices
-    row_pointer = torch.zeros(num_nodes + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(torch.bincount(rows, minlength=num_nodes), dim=0, out=row_pointer[1:])
+    row_pointer = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=num_rows), dim=0, out=row_pointer[1:])
     with warnings.catch_warnings():  # torch warns about sparse CSR on every build
         warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
-        return torch.sparse_csr_tensor(row_pointer, columns[order], values[order], size=(num_nodes, num_nodes))
+        return torch.sparse_csr_tensor(row_pointer, columns[order], values[order], size=(num_rows, num_columns))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -67,26 +67,58 @@ class DIFFormer(nn.Module):
         (sorted graph ids, as in a PyG ``Batch``) treats the nodes as separate graphs: the
         global attention never crosses graphs, so each gets what it would get alone.
         """
-        return self.lin_out(self.diffuse(x, edge_index, edge_weight, batch)[-1])
+        return self.decode(self.diffuse(x, edge_index, edge_weight, batch)[-1])
 
     def diffuse(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None,
                 batch: Optional[Tensor] = None) -> List[Tensor]:
         r"""The states :math:`[h_0, h_1, \dots, h_L]` of the diffusion, each ``[N, hidden_channels]``
-        (what :class:`~callbacks.Energy` evaluates the energy on)."""
+        (what :class:`~callbacks.Energy` evaluates the energy on; ``h_L`` is the node embedding)."""
         graph = None
         if self.needs_graph:
             if edge_index is None:
                 raise ValueError("this DIFFormer uses the graph (use_graph=True or kernel 'gcn'/'gat') but no "
                                  "edge_index was given; pass one, or build the model with use_graph=False")
             graph = NormalizedGraph.build(edge_index, edge_weight, x.size(0), accumulation_dtype(x.dtype))
-        states = [F.dropout(F.relu(self.norm_in(self.lin_in(x))), self.dropout, self.training)]
-        for conv, norm in zip(self.convs, self.norms):
-            h = states[-1]
-            update = conv(h, graph, batch)
-            if self.use_residual:  # alpha * update + (1 - alpha) * h in one pass instead of three
-                dtype = torch.promote_types(h.dtype, update.dtype)  # autocast may leave h in bfloat16
-                h = torch.lerp(h.to(dtype), update.to(dtype), self.alpha)
-            else:
-                h = update
-            states.append(F.dropout(norm(h), self.dropout, self.training))
+        states = [self.encode(x)]
+        for layer, conv in enumerate(self.convs):
+            states.append(self.step(layer, states[-1], conv(states[-1], graph, batch)))
         return states
+
+    def encode(self, x: Tensor) -> Tensor:
+        r"""The input block, :math:`h_0 = \mathrm{Dropout}(\mathrm{ReLU}(\mathrm{LN}(x W_{in})))`:
+        ``[N, in_channels]`` -> ``[N, hidden_channels]``. Row-wise, so any chunk of rows can be encoded alone."""
+        return F.dropout(F.relu(self.norm_in(self.lin_in(x))), self.dropout, self.training)
+
+    def step(self, layer: int, h: Tensor, update: Tensor) -> Tensor:
+        r"""The explicit Euler step of layer ``layer`` (0-based) from state ``h`` and the layer's
+        output ``update`` (both ``[N, hidden_channels]``): :math:`\alpha\, \mathrm{update} + (1 - \alpha) h`
+        with ``use_residual`` (``update`` alone otherwise), then the layer's LayerNorm and dropout.
+        Row-wise, so any chunk of rows can be stepped alone."""
+        if self.use_residual:  # alpha * update + (1 - alpha) * h in one pass instead of three
+            dtype = torch.promote_types(h.dtype, update.dtype)  # autocast may leave h in bfloat16
+            h = torch.lerp(h.to(dtype), update.to(dtype), self.alpha)
+        else:
+            h = update
+        return F.dropout(self.norms[layer](h), self.dropout, self.training)
+
+    def decode(self, h: Tensor) -> Tensor:
+        """The output map: final states ``[N, hidden_channels]`` -> logits ``[N, out_channels]``."""
+        return self.lin_out(h)
+
+    @property
+    def kernel(self) -> str:
+        return self.convs[0].kernel
+
+    def exact_evaluation_flops(self, num_nodes: int) -> float:
+        """An estimate of the floating-point operations of one exact forward pass over ``num_nodes``
+        nodes: quadratic in ``num_nodes`` for DIFFormer-a (every query against every key), linear for the
+        other kernels (the edges' cost is not counted)."""
+        conv = self.convs[0]
+        hidden, heads, width = conv.in_channels, conv.num_heads, conv.out_channels
+        per_node = 2 * hidden * heads * width * (3 if conv.kernel in ("simple", "sigmoid") else 1)
+        if conv.kernel == "simple":
+            per_node += 4 * heads * width * (width + 1)
+        linear = float(num_nodes) * per_node * len(self.convs)
+        if conv.kernel != "sigmoid":
+            return linear
+        return linear + float(num_nodes) ** 2 * heads * (4 * width + 4) * len(self.convs)

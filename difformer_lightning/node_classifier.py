@@ -58,11 +58,6 @@ class NodeClassifier(EncoderModule):
             return Accuracy(task=task, average="micro", **size)
         return AUROC(task=task, average="macro", **size)
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "max_batch_nodes"):
-            self.encoder.check_fits(datamodule.max_batch_nodes)
-
     def on_train_epoch_start(self) -> None:
         # An epoch-end checkpoint is written before Lightning resets the logged mean, so a run
         # resumed from one would carry the finished epoch's losses into the next. The loop's
@@ -90,7 +85,7 @@ class NodeClassifier(EncoderModule):
         return loss
 
     def _update_metrics(self, batch: Data, splits) -> None:
-        logits = self(batch)
+        logits = self.evaluate(batch)
         for split in splits:
             mask = batch[f"{split}_mask"]
             if mask.any():
@@ -113,6 +108,3 @@ class NodeClassifier(EncoderModule):
     def on_test_epoch_end(self) -> None:
         self.log(f"test/{self.metric_name}", self.metrics["test_metric"].compute())
         self.metrics["test_metric"].reset()
-
-    def predict_step(self, batch: Data, batch_idx: int) -> Tensor:
-        return self(batch)

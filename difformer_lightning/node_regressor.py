@@ -72,7 +72,7 @@ class NodeRegressor(EncoderModule):
         self._log_metrics("test")
 
     def _update_metrics(self, batch: Data, split: str) -> None:
-        prediction = self(batch)
+        prediction = self.evaluate(batch).squeeze(-1)
         graphs = batch.get("batch")
         graphs = graphs if graphs is not None else torch.zeros_like(batch.y, dtype=torch.long)
         self.mse[split].update(prediction, batch.y)

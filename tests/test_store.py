@@ -57,7 +57,7 @@ def test_induced_subgraph_matches_pyg_subgraph(cora_store):
     for seed, size in ((0, 900), (1, 2708), (2, 1), (3, 50)):
         nodes = torch.randperm(2708, generator=torch.Generator().manual_seed(seed))[:size].sort().values
         expected, _ = subgraph(nodes, data.edge_index, relabel_nodes=True, num_nodes=2708)
-        assert edge_set(induced_subgraph(store.rowptr, store.col, nodes)) == edge_set(expected)
+        assert edge_set(induced_subgraph(store.rowptr, store.col, nodes)[0]) == edge_set(expected)
 
 
 def test_batches_carry_aligned_features_labels_masks_and_directed_edges(tmp_path):
@@ -166,7 +166,7 @@ def test_bad_batch_sizes_and_empty_splits(cora_store, tmp_path):
 
 def test_partition_training_on_cora_and_batched_metrics(cora_store):
     data, path = cora_store
-    module = RandomPartitionDataModule(str(path), batch_size=1000, num_workers=0)
+    module = RandomPartitionDataModule(str(path), batch_size=1000, num_workers=0, evaluation="partition")
     pl.seed_everything(0)
     model = NodeClassifier(DIFFormer(module.num_features, 32, module.num_classes, num_layers=2, dropout=0.2,
                                      use_weight=False), lr=0.01, weight_decay=5e-4)
@@ -191,7 +191,7 @@ def test_partition_training_on_cora_and_batched_metrics(cora_store):
                                      dict(kernel="simple", use_graph=False), dict(kernel="gcn"),
                                      dict(kernel="none", use_graph=False), dict(kernel="simple", use_residual=False)])
 def test_layerwise_inference_equals_the_in_memory_forward(tmp_path, options):
-    from difformer_lightning.inference import layerwise_inference
+    from difformer_lightning.streaming import layerwise_inference
 
     data = directed_graph()
     data.edge_index = torch.cat([data.edge_index, torch.tensor([[4], [4]])], dim=1)  # one existing self loop
@@ -206,7 +206,7 @@ def test_layerwise_inference_equals_the_in_memory_forward(tmp_path, options):
 
 
 def test_layerwise_inference_on_cora_store(cora_store, tmp_path):
-    from difformer_lightning.inference import layerwise_inference
+    from difformer_lightning.streaming import layerwise_inference
 
     data, path = cora_store
     torch.manual_seed(0)
@@ -215,14 +215,6 @@ def test_layerwise_inference_on_cora_store(cora_store, tmp_path):
                               out=tmp_path / "logits.npy")
     assert np.load(tmp_path / "logits.npy", mmap_mode="r").shape == (2708, 7)
     torch.testing.assert_close(got, model(data.x, data.edge_index), rtol=1e-4, atol=1e-5)
-
-
-def test_layerwise_inference_refuses_quadratic_kernels(cora_store):
-    from difformer_lightning.inference import layerwise_inference
-
-    _, path = cora_store
-    with pytest.raises(ValueError, match="not 'sigmoid'"):
-        layerwise_inference(DIFFormer(1433, 8, 7, kernel="sigmoid"), GraphStore.open(path))
 
 
 def test_seed_and_neighbour_batches_keep_locality_and_count_only_seeds(cora_store):
@@ -290,6 +282,8 @@ def test_pyg_lib_and_pure_torch_paths_give_identical_batches(cora_store, monkeyp
     for seed in range(3):
         nodes = torch.randperm(2708, generator=torch.Generator().manual_seed(seed))[:700].sort().values
         monkeypatch.setattr(partition, "USE_PYG_LIB", True)
-        fast = induced_subgraph(rowptr, col, nodes)
+        fast, fast_ids = induced_subgraph(rowptr, col, nodes)
         monkeypatch.setattr(partition, "USE_PYG_LIB", False)
-        assert edge_set(fast) == edge_set(induced_subgraph(rowptr, col, nodes))
+        slow, slow_ids = induced_subgraph(rowptr, col, nodes)
+        assert edge_set(fast) == edge_set(slow)
+        assert sorted(fast_ids.tolist()) == sorted(slow_ids.tolist())  # the same edges of col

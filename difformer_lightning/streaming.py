@@ -1,0 +1,287 @@
+"""The exact forward pass of a DIFFormer over every node of a graph of any size, chunk by chunk.
+
+DIFFormer-s attends over all nodes through a handful of global sums, so an exact forward pass over a
+graph that fits no batch needs, per layer, one streaming pass that accumulates those sums
+(:class:`~.attention.LinearAttentionStats`) and writes every node's values, and a second pass that
+combines the sums with each chunk of queries, adds the graph term gathered over each target's in-edges,
+and steps the state. DIFFormer-a's second pass sums each chunk of queries against every chunk of keys
+(quadratic, so only on request); GCN and GAT need only the graph rows; the MLP neither.
+
+Every piece of math is the model's own: :meth:`DIFFormer.encode`, :meth:`DIFFormerConv.project`,
+:meth:`~DIFFormerConv.statistics`, :meth:`~DIFFormerConv.attend`, :meth:`~DIFFormerConv.sigmoid_sums`,
+:meth:`~DIFFormerConv.local` on :meth:`NormalizedGraph.rows`, :meth:`~DIFFormerConv.combine` and
+:meth:`DIFFormer.step`; nothing here reads a weight.
+
+Several processes (DDP ranks) share the work: rank ``r`` of ``W`` streams chunks ``r, r + W, ...``; the
+per-chunk statistics go into one table that is all-reduced (each slot has a single contributor, so the
+sum is exact) and added up in chunk order, so the result is bitwise the same for any number of ranks.
+Layer states live in memory-mapped scratch arrays that every rank of a machine maps (one copy in the
+page cache), with a barrier between passes. Several machines need a scratch folder on a file system
+they all mount (``flush=True`` then writes each rank's rows back before every barrier).
+"""
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .attention import LinearAttentionStats, sigmoid_rows_per_block
+from .contracts import GraphSource
+from .graph import NormalizedGraph, accumulation_dtype, gcn_degree
+from .model import DIFFormer
+
+
+def _identity(value):
+    return value
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Collectives:
+    """How the processes of one exact pass cooperate: this one's ``rank`` of ``world_size``, a sum over
+    all of them (``all_reduce``, returning the summed tensor), a ``barrier``, ``broadcast`` of a picklable
+    object from rank 0, and whether writes must be flushed to a shared file system before a barrier.
+    The defaults are one process. Lightning's strategy gives all of them (``reduce``, ``barrier``,
+    ``broadcast``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce: Callable[[Tensor], Tensor] = _identity
+    barrier: Callable[[], None] = _nothing
+    broadcast: Callable[[object], object] = _identity
+    flush: bool = False
+
+
+@dataclass
+class ExactStates:
+    """The final hidden states ``[N, hidden]`` of every node, memory-mapped from the scratch folder.
+
+    :meth:`rows` reads any rows; :meth:`release` deletes the scratch folder (rank 0, after every rank
+    is done with it: call it on every rank)."""
+
+    folder: Path
+    states: np.ndarray
+    collectives: Collectives = field(default_factory=Collectives)
+    owns_folder: bool = True
+
+    @property
+    def num_nodes(self) -> int:
+        return self.states.shape[0]
+
+    def rows(self, ids: Union[Tensor, slice]) -> Tensor:
+        """``[len(ids), hidden]`` float32 (or float64) on the CPU, for node ids (any order) or a slice."""
+        if isinstance(ids, Tensor):
+            ids = ids.cpu().numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.states[ids]))
+
+    def release(self) -> None:
+        self.collectives.barrier()
+        self.states = None
+        if self.collectives.rank == 0 and self.owns_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
+    """Consecutive ``(start, stop)`` node ranges of at most ``chunk_nodes`` covering ``0 .. num_nodes - 1``."""
+    if chunk_nodes < 1:
+        raise ValueError(f"chunk_nodes must be >= 1, got {chunk_nodes}")
+    return [(start, min(start + chunk_nodes, num_nodes)) for start in range(0, num_nodes, chunk_nodes)]
+
+
+@torch.no_grad()
+def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536,
+                 scratch_dir: Optional[Union[str, Path]] = None, device: Optional[torch.device] = None,
+                 collectives: Optional[Collectives] = None) -> ExactStates:
+    """The final states of ``model`` (evaluated as it is: call ``model.eval()`` first) for every node of
+    ``source``, exactly as ``model.diffuse(x, edge_index, edge_weight)[-1]`` over the whole graph.
+
+    Chunks of ``chunk_nodes`` rows run on ``device`` (the model's by default) under the caller's autocast
+    (projections in its dtype, every sum in float32 or wider, as in training). Scratch arrays (two state
+    arrays, plus values, keys and degrees where the kernel needs them) go to a new folder under
+    ``scratch_dir`` (the system's temporary folder by default); they need about ``N x (2 x hidden +
+    heads x width x 2) x 4`` bytes of disk. Call on every rank with the same arguments; the returned
+    states must be ``release()``-d on every rank.
+    """
+    collectives = collectives or Collectives()
+    device = device or next(model.parameters()).device
+    conv = model.convs[0]
+    num_nodes, hidden = source.num_nodes, model.lin_in.out_features
+    dtype = accumulation_dtype(next(model.parameters()).dtype)
+    numpy_dtype = np.dtype(str(dtype).replace("torch.", ""))
+    chunks = chunk_ranges(num_nodes, chunk_nodes)
+    mine = list(enumerate(chunks))[collectives.rank::collectives.world_size]
+
+    folder = None
+    if collectives.rank == 0:
+        base = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="difformer-exact-", dir=base)
+    folder = Path(collectives.broadcast(folder))
+    shapes = {"h0": (num_nodes, hidden), "h1": (num_nodes, hidden)}
+    per_node = (num_nodes, conv.num_heads, conv.out_channels)
+    if conv.needs_graph or conv.kernel == "sigmoid":
+        shapes["value"] = per_node
+    if conv.kernel == "sigmoid":
+        shapes["key"] = per_node
+    if conv.needs_graph:
+        shapes["inv_sqrt_degree"] = (num_nodes,)
+    try:
+        if collectives.rank == 0:
+            for name, shape in shapes.items():
+                np.lib.format.open_memmap(folder / f"{name}.npy", "w+", numpy_dtype, shape).flush()
+        collectives.barrier()
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in shapes}
+        scratch = _Scratch(arrays, collectives, device, dtype)
+
+        for _, (start, stop) in mine:
+            scratch.write("h0", start, model.encode(source.features(start, stop).to(device)))
+            if conv.needs_graph:
+                edge_source, target, _ = source.in_edges(start, stop)
+                scratch.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
+                              .to(dtype).pow(-0.5))
+        scratch.sync()
+        inv_sqrt_degree = torch.from_numpy(arrays["inv_sqrt_degree"]) if conv.needs_graph else None
+        for layer, conv in enumerate(model.convs):
+            before, after = f"h{layer % 2}", f"h{(layer + 1) % 2}"
+            stats = _first_pass(conv, scratch, before, mine, len(chunks))
+            for _, (start, stop) in mine:
+                h = scratch.read(before, start, stop)
+                query, _, value = conv.project(h)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    attention = None
+                    if conv.kernel == "simple":
+                        attention = conv.attend(query, stats)
+                    elif conv.kernel == "sigmoid":
+                        attention = _sigmoid_rows(conv, query, scratch, chunks)
+                    local = None
+                    if conv.needs_graph:
+                        edge_source, target, weight = source.in_edges(start, stop)
+                        graph, ids = NormalizedGraph.rows(edge_source, target, weight, inv_sqrt_degree, start,
+                                                          stop - start, device=device)
+                        local = conv.local(graph, scratch.gather("value", ids), value)
+                    update = conv.combine(value, attention, local)
+                scratch.write(after, start, model.step(layer, h, update))
+            scratch.sync()
+        final = f"h{len(model.convs) % 2}"
+        states = arrays.pop(final)
+        arrays.clear()
+        collectives.barrier()
+        if collectives.rank == 0:  # the other scratch arrays are no longer needed
+            for name in shapes:
+                if name != final:
+                    (folder / f"{name}.npy").unlink()
+        return ExactStates(folder, states, collectives)
+    except BaseException:
+        if collectives.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _first_pass(conv, scratch: "_Scratch", before: str, mine, num_chunks: int) -> Optional[LinearAttentionStats]:
+    """Writes every node's values (and keys) where later passes gather them; for DIFFormer-s returns the
+    global statistics, summed over chunks in chunk order whatever the number of ranks."""
+    if not (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
+        return None
+    table, template = None, None
+    for index, (start, stop) in mine:
+        query, key, value = conv.project(scratch.read(before, start, stop))
+        if "value" in scratch.arrays:
+            scratch.write("value", start, value)
+        if conv.kernel == "sigmoid":
+            scratch.write("key", start, key)
+        if conv.kernel == "simple":
+            with torch.autocast(device_type=scratch.device.type, enabled=False):
+                template = conv.statistics(query, key, value)
+            flat = template.flatten().double()
+            if table is None:
+                table = flat.new_zeros(num_chunks, flat.numel())
+            table[index] = flat
+    if conv.kernel != "simple":
+        scratch.sync()
+        return None
+    if template is None:  # this rank has no chunk: its slots stay zero
+        width, heads = conv.out_channels, conv.num_heads
+        zeros = torch.zeros(1, 1, heads, width, device=scratch.device, dtype=scratch.dtype)
+        template = LinearAttentionStats.of(zeros, zeros, zeros, conv.qk_norm)
+        table = template.flatten().double().new_zeros(num_chunks, template.flatten().numel())
+    table = scratch.collectives.all_reduce(table)
+    scratch.sync()
+    return template.unflatten(table.sum(dim=0).to(scratch.dtype))
+
+
+def _sigmoid_rows(conv, query: Tensor, scratch: "_Scratch", chunks) -> Tensor:
+    """DIFFormer-a for one chunk of queries against the keys of every chunk (each read once), in row
+    blocks that keep each block's scores within ``conv.sigmoid_block_bytes``."""
+    largest = max(stop - start for start, stop in chunks)
+    rows = sigmoid_rows_per_block(largest, conv.num_heads, conv.sigmoid_block_bytes)
+    blocks = query.split(rows)
+    numerators, denominators = [None] * len(blocks), [None] * len(blocks)
+    for start, stop in chunks:
+        key, value = scratch.read("key", start, stop), scratch.read("value", start, stop)
+        for i, block in enumerate(blocks):
+            numerator, denominator = conv.sigmoid_sums(block, key, value)
+            numerators[i] = numerator if numerators[i] is None else numerators[i] + numerator
+            denominators[i] = denominator if denominators[i] is None else denominators[i] + denominator
+    return torch.cat(numerators) / torch.cat(denominators)
+
+
+class _Scratch:
+    """Reads and writes rows of the scratch arrays, moving them between the CPU and the device."""
+
+    def __init__(self, arrays, collectives: Collectives, device: torch.device, dtype: torch.dtype) -> None:
+        self.arrays, self.collectives, self.device, self.dtype = arrays, collectives, device, dtype
+
+    def read(self, name: str, start: int, stop: int) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.arrays[name][start:stop])).to(self.device)
+
+    def gather(self, name: str, ids: Tensor) -> Tensor:
+        """Rows ``ids`` (sorted, unique) of ``name``."""
+        return torch.from_numpy(self.arrays[name][ids.cpu().numpy()]).to(self.device)
+
+    def write(self, name: str, start: int, rows: Tensor) -> None:
+        self.arrays[name][start:start + rows.size(0)] = rows.detach().to("cpu", self.dtype).numpy()
+
+    def sync(self) -> None:
+        """Every rank's rows visible to every rank: written back first when ranks share a file system."""
+        if self.collectives.flush:
+            for array in self.arrays.values():
+                array.flush()
+        self.collectives.barrier()
+
+
+@torch.no_grad()
+def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536,
+                        workdir: Optional[Union[str, Path]] = None,
+                        out: Optional[Union[str, Path]] = None) -> Tensor:
+    """Logits ``[N, out_channels]`` of ``model`` (in eval mode) over every node of ``source``, in one
+    process: :func:`exact_states` and :meth:`DIFFormer.decode` chunk by chunk. Returned in memory, or,
+    with ``out``, written to that ``.npy`` file (a temporary name, then renamed) and returned
+    memory-mapped (for 111M nodes x 172 classes they take 76 GB)."""
+    model.eval()
+    states = exact_states(model, source, chunk_nodes, workdir)
+    try:
+        classes, num_nodes = model.lin_out.out_features, source.num_nodes
+        if out is None:
+            logits = np.empty((num_nodes, classes), np.float32)
+        else:
+            out = Path(out)
+            staging = out.with_name(f".{out.name}.tmp")
+            logits = np.lib.format.open_memmap(staging, "w+", np.float32, (num_nodes, classes))
+        device = next(model.parameters()).device
+        for start, stop in chunk_ranges(num_nodes, chunk_nodes):
+            logits[start:stop] = model.decode(states.rows(slice(start, stop)).to(device)).float().cpu().numpy()
+        if out is None:
+            return torch.from_numpy(logits)
+        logits.flush()
+        del logits
+        staging.replace(out)
+        return torch.from_numpy(np.load(out, mmap_mode="c"))
+    finally:
+        states.release()
