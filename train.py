@@ -9,6 +9,8 @@ the encoder's hyperparameters and the Trainer's options.
 A run lives in ``runs/<config name>/`` (``--trainer.default_root_dir`` moves it): CSV logs
 under ``logs/``, checkpoints under ``checkpoints/`` (``last.ckpt`` and the best; options under
 ``--checkpoint.*``), so ``fit --ckpt_path last`` resumes an interrupted run exactly.
+``predict --ckpt_path P`` writes ``predictions/logits.npy`` (``--predictions.embeddings true`` adds
+``embeddings.npy``; :class:`callbacks.PredictionWriter`).
 """
 import importlib
 import os
@@ -19,7 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks import Checkpoint, NonFiniteGuard
+from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
 from datamodules.base import ClassificationTargets
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
@@ -39,6 +41,7 @@ class DIFFormerCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def before_instantiate_classes(self) -> None:
         # Everything here is checked or decided before any data is loaded or a process started.
@@ -51,6 +54,8 @@ class DIFFormerCLI(LightningCLI):
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                               "init_args": {"save_dir": trainer.default_root_dir, "name": "logs"}}
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False  # PredictionWriter writes them; holding them all needs O(N) memory
         check_devices(trainer.accelerator, trainer.devices)
         check_model_for_data(config.model.class_path, config.data.class_path)
 

@@ -86,6 +86,10 @@ class NodeDataModule(ClassificationTargets, pl.LightningDataModule):
         return self._num_classes
 
     @property
+    def num_nodes(self) -> int:
+        return self.data.num_nodes
+
+    @property
     def max_batch_nodes(self) -> int:
         """The most nodes one forward pass sees (here: the whole graph)."""
         return self.data.num_nodes

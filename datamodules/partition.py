@@ -142,6 +142,8 @@ class BatchBuilder(Dataset):
         y = store.y[nodes]
         fields = dict(y=y.float() if store.multilabel else y.long(), n_id=nodes,
                       **{f"{name}_mask": (code == value) & counted for name, value in SPLIT_CODES.items()})
+        if self.fanout > 0 and not self.rows_only:
+            fields["seed_mask"] = counted  # the nodes the batch was drawn for (predictions keep only these)
         if self.rows_only:
             return NodeRows(**fields)
         edge_index, edge_ids = induced_subgraph(store.rowptr, store.col, nodes, self._member)

@@ -106,6 +106,10 @@ class DIFFormer(nn.Module):
         return self.lin_out(h)
 
     @property
+    def hidden_channels(self) -> int:
+        return self.lin_in.out_features
+
+    @property
     def kernel(self) -> str:
         return self.convs[0].kernel
 

@@ -28,11 +28,11 @@ def store(tmp_path_factory):
     return write_synthetic_store(tmp_path_factory.mktemp("store") / "csbm", NUM_NODES, num_classes=3)
 
 
-def partition_config(tmp_path: Path, store: Path, batch_size: int, **checkpoint) -> Path:
+def partition_config(tmp_path: Path, store: Path, batch_size: int, evaluation: str = "exact", **checkpoint) -> Path:
     lines = ["seed_everything: 0",
              "model: {encoder: {hidden_channels: 16, num_layers: 2, kernel: simple, dropout: 0.2}, lr: 0.01}",
              "data: {class_path: datamodules.RandomPartitionDataModule,",
-             f"       init_args: {{store: {store}, batch_size: {batch_size}, num_workers: 1}}}}",
+             f"       init_args: {{store: {store}, batch_size: {batch_size}, num_workers: 1, evaluation: {evaluation}}}}}",
              "trainer: {max_epochs: 3, enable_progress_bar: false, enable_model_summary: false}"]
     if checkpoint:
         lines.append("checkpoint: {" + ", ".join(f"{k}: {v}" for k, v in checkpoint.items()) + "}")
@@ -64,7 +64,8 @@ def final_weights(run_dir: Path) -> dict:
 
 
 def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, store):
-    config = partition_config(tmp_path, store, batch_size=130, every_n_train_steps="null")
+    # evaluation by partition batches: their metrics, summed over ranks, are what this test checks
+    config = partition_config(tmp_path, store, batch_size=130, evaluation="partition", every_n_train_steps="null")
     run_dir = tmp_path / "ddp"
     result = train("--config", str(config), *DDP, "--trainer.callbacks+=cli_helpers.BatchRecorder", "--trainer.callbacks.out_dir",
                    str(tmp_path / "batches"), run_dir=run_dir)

@@ -1,0 +1,88 @@
+"""Predictions a user can use: one row per node, in files, from any number of ranks."""
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+# Lightning's prediction loop warns that it cannot infer "batch indices" for a sampler that yields node
+# ranges; our batches carry their node ids (n_id), which is what this writer uses.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``train.py predict`` computes to ``output_dir`` (default ``<run dir>/predictions``):
+
+    * ``logits.npy``: float32 ``[N, num_outputs]``, row ``i`` the encoder's output for node ``i`` of the
+      graph or store (the data module's ``num_nodes`` rows, in its node order);
+    * with ``embeddings=True``, ``embeddings.npy``: float32 ``[N, hidden]``, the final hidden states
+      (the encoder as a feature extractor).
+
+    Every rank writes its batches' rows (the module's ``predict_step`` gives ``n_id``, ``logits`` and
+    ``embeddings``) into the same memory-mapped files, created by rank 0 under a temporary name; when
+    every row has been written the files are renamed into place, so a file of that name is always
+    complete. A prediction that leaves a row unwritten raises a ``RuntimeError`` and leaves no file.
+    With several machines ``output_dir`` must be a folder all of them mount.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, embeddings: bool = False) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.embeddings = embeddings
+        self._arrays: Dict[str, np.ndarray] = {}
+        self._staging: Dict[str, Path] = {}
+        self._written: Optional[np.ndarray] = None
+
+    def folder(self, trainer: "pl.Trainer") -> Path:
+        return Path(self.output_dir) if self.output_dir is not None else Path(trainer.default_root_dir) / "predictions"
+
+    def on_predict_epoch_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+        datamodule, strategy = trainer.datamodule, trainer.strategy
+        num_nodes = datamodule.num_nodes
+        widths = {"logits": datamodule.num_outputs}
+        if self.embeddings:
+            widths["embeddings"] = module.encoder.hidden_channels
+        folder = self.folder(trainer)
+        token = strategy.broadcast(uuid.uuid4().hex[:12] if trainer.is_global_zero else None)
+        self._staging = {name: folder / f".{name}.npy.tmp-{token}" for name in widths}
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, width in widths.items():
+                np.lib.format.open_memmap(self._staging[name], "w+", np.float32, (num_nodes, width)).flush()
+        strategy.barrier()
+        self._arrays = {name: np.load(path, mmap_mode="r+") for name, path in self._staging.items()}
+        self._written = np.zeros(num_nodes, dtype=np.uint8)
+
+    def write_on_batch_end(self, trainer, module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        rows = prediction["n_id"].cpu().numpy()
+        for name, array in self._arrays.items():
+            array[rows] = prediction[name].detach().float().cpu().numpy()
+        self._written[rows] = 1
+
+    def on_predict_epoch_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+        strategy = trainer.strategy
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays = {}
+        written = strategy.reduce(torch.from_numpy(self._written).to(module.device), reduce_op="max")
+        missing = int((written == 0).sum())
+        strategy.barrier()
+        if trainer.is_global_zero:
+            for name, staging in self._staging.items():
+                if missing:
+                    staging.unlink(missing_ok=True)
+                else:
+                    os.replace(staging, staging.parent / f"{name}.npy")
+        strategy.barrier()
+        if missing:
+            raise RuntimeError(f"prediction wrote {len(self._written) - missing} of {len(self._written)} rows: the "
+                               f"prediction dataloaders did not cover every node, so no file was written")
+        if trainer.is_global_zero:
+            names = ", ".join(str(self.folder(trainer) / f"{name}.npy") for name in self._staging)
+            print(f"predictions written: {names}")
+        self._written = None
