@@ -8,13 +8,16 @@ features), then, as ``train.py`` runs it (glibc keeping freed memory, DataLoader
 DIFFormer-s of ``configs/synthetic_partition.yaml`` (hidden 64, 3 layers, graph term, ``use_weight``) on
 ``--devices`` CPU processes (DDP, gloo):
 
-* one training epoch by random partition (batches of ``--batch-size``), no validation;
-* one ``trainer.validate`` with ``evaluation='exact'``: the streamed exact forward over every node
-  (chunks of the same ``--batch-size``) plus the metrics over the evaluation batches.
+``--epochs`` training epochs by random partition (batches of ``--batch-size``), each followed by the
+validation of ``evaluation='exact'``: the streamed exact forward over every node (chunks of the same
+``--batch-size``) plus the metrics over the evaluation batches. Each training epoch and each evaluation
+is timed (the slowest rank); the first evaluation of a run also creates its scratch arrays, later ones
+reuse them.
 
-Each rank samples its private memory (``Private_Clean + Private_Dirty`` of /proc/self/smaps_rollup,
-every 20 ms) during each phase; the memory-mapped store and scratch arrays are shared page cache, not
-private. Printed as a table row and written to ``--out`` (JSON) by rank 0.
+Each rank samples its memory every 100 ms during each phase (/proc/self/smaps_rollup): anonymous memory
+(its own heap and tensors) and private memory (pages no other process maps: anonymous memory plus the
+file pages of the memory-mapped store and scratch arrays that only this process touched, which the
+kernel can drop or write back; with several processes those are shared). Printed as a table row and written to ``--out`` (JSON) by rank 0.
 """
 import argparse
 import json
@@ -38,35 +41,58 @@ from difformer_lightning.allocator import keep_freed_memory  # noqa: E402
 from difformer_lightning.io import write_json_atomic  # noqa: E402
 
 
-class PeakPrivateMemory:
-    """The largest private memory (MB) of this process while the ``with`` block runs."""
+class PeakMemory:
+    """The largest private and anonymous memory (MB, :func:`callbacks.memory.process_memory_mb`) of this
+    process while the ``with`` block runs, sampled every 100 ms."""
+
+    KEYS = ("private_mb", "anonymous_mb")
 
     def __enter__(self):
-        self.peak, self._stop = process_memory_mb().get("private_mb", 0.0), threading.Event()
+        self.peak, self._stop = dict.fromkeys(self.KEYS, 0.0), threading.Event()
+        self._sample_once()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _sample_once(self):
+        now = process_memory_mb()
+        for key in self.KEYS:
+            self.peak[key] = max(self.peak[key], now.get(key, 0.0))
+
     def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, process_memory_mb().get("private_mb", 0.0))
+        while not self._stop.wait(0.1):
+            self._sample_once()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, process_memory_mb().get("private_mb", 0.0))
+        self._sample_once()
 
 
-class Phase(pl.Callback):
-    """Times the training epoch and samples private memory while it runs."""
+class Phases(pl.Callback):
+    """Times each training epoch (up to its validation) and each validation inside the fit, and samples
+    memory during each; validation during the sanity check is not counted."""
+
+    def __init__(self) -> None:
+        self.train, self.validation = [], []
 
     def on_train_epoch_start(self, trainer, module):
-        self.memory = PeakPrivateMemory().__enter__()
-        self.start = time.perf_counter()
+        self._memory, self._start = PeakMemory().__enter__(), time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, module):
-        self.seconds = time.perf_counter() - self.start
-        self.memory.__exit__(None, None, None)
+    def on_validation_start(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        self._finish(self.train)
+        self._memory, self._start = PeakMemory().__enter__(), time.perf_counter()
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self._finish(self.validation)
+
+    def _finish(self, into: list) -> None:
+        seconds = time.perf_counter() - self._start
+        self._memory.__exit__(None, None, None)
+        into.append({"seconds": seconds, **self._memory.peak})
 
 
 def main() -> None:
@@ -75,6 +101,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs, each followed by an exact evaluation")
     parser.add_argument("--stores", default=str(Path(tempfile.gettempdir()) / "difformer-stores"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -87,38 +114,40 @@ def main() -> None:
     data = RandomPartitionDataModule(str(store), batch_size=args.batch_size, num_workers=args.workers,
                                      evaluation="exact")
     model = NodeClassifier(DIFFormer(64, 64, 10, num_layers=3, use_weight=True), lr=1e-2, weight_decay=0.0)
-    phase = Phase()
-    trainer = pl.Trainer(max_epochs=1, devices=args.devices, accelerator="cpu",
+    phases = Phases()
+    trainer = pl.Trainer(max_epochs=args.epochs, devices=args.devices, accelerator="cpu",
                          strategy="ddp" if args.devices > 1 else "auto", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[phase])
+                         callbacks=[phases])
     trainer.fit(model, datamodule=data)
-    with PeakPrivateMemory() as memory:
-        start = time.perf_counter()
-        metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
-        seconds = time.perf_counter() - start
-    mine = {"rank": trainer.global_rank, "epoch_s": phase.seconds, "epoch_private_mb": phase.memory.peak,
-            "exact_eval_s": seconds, "exact_eval_private_mb": memory.peak}
+    mine = {"rank": trainer.global_rank, "train_epochs": phases.train, "evaluations": phases.validation}
     ranks = [mine]
     if dist.is_available() and dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
     if trainer.global_rank:
         return
+    slowest = lambda phase, i, key: max(r[phase][i][key] for r in ranks)  # noqa: E731
+    epochs = range(args.epochs)
     result = {"nodes": args.nodes, "devices": args.devices, "batch_size": args.batch_size, "workers": args.workers,
               "model": "DIFFormer-s, hidden 64, 3 layers, graph term, use_weight",
-              "epoch_s": max(r["epoch_s"] for r in ranks), "exact_eval_s": max(r["exact_eval_s"] for r in ranks),
-              "exact_eval_private_mb_max": max(r["exact_eval_private_mb"] for r in ranks),
-              "epoch_private_mb_max": max(r["epoch_private_mb"] for r in ranks),
-              "val_acc": metrics["val/acc"], "ranks": ranks}
-    result["eval_over_epoch"] = result["exact_eval_s"] / result["epoch_s"]
+              "epoch_s": [slowest("train_epochs", i, "seconds") for i in epochs],
+              "exact_eval_s": [slowest("evaluations", i, "seconds") for i in epochs],
+              "peak_anonymous_mb": max(slowest(p, i, "anonymous_mb") for p in ("train_epochs", "evaluations")
+                                       for i in epochs),
+              "exact_eval_peak_anonymous_mb": max(slowest("evaluations", i, "anonymous_mb") for i in epochs),
+              "exact_eval_peak_private_mb": max(slowest("evaluations", i, "private_mb") for i in epochs),
+              "val_acc": float(trainer.callback_metrics["val/acc"]), "ranks": ranks}
+    result["eval_over_epoch"] = [e / t for e, t in zip(result["exact_eval_s"], result["epoch_s"])]
     write_json_atomic(args.out, result)
-    print("| nodes | ranks | training epoch (s) | exact evaluation (s) | eval / epoch | peak private MB per process "
-          "(eval; epoch) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {args.nodes:,} | {args.devices} | {result['epoch_s']:.1f} | {result['exact_eval_s']:.1f} | "
-          f"{result['eval_over_epoch']:.2f} | {result['exact_eval_private_mb_max']:,.0f}; "
-          f"{result['epoch_private_mb_max']:,.0f} |")
+    print("| nodes | ranks | training epoch (s) | exact evaluation (s) | evaluation / epoch | peak anonymous MB "
+          "per process (evaluation; run) | peak private MB per process (evaluation) |")
+    print("|---|---|---|---|---|---|---|")
+    joined = lambda values, form: " / ".join(format(v, form) for v in values)  # noqa: E731
+    print(f"| {args.nodes:,} | {args.devices} | {joined(result['epoch_s'], '.1f')} | "
+          f"{joined(result['exact_eval_s'], '.1f')} | {joined(result['eval_over_epoch'], '.2f')} | "
+          f"{result['exact_eval_peak_anonymous_mb']:,.0f}; {result['peak_anonymous_mb']:,.0f} | "
+          f"{result['exact_eval_peak_private_mb']:,.0f} |")
     print(json.dumps(result))
 
 

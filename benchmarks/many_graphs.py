@@ -12,9 +12,10 @@ three ways, each in its own interpreter:
 * ``padded to the largest``: the same per-graph attention computed the way this project did before,
   every graph padded to the largest (5,000 rows each), written out here for comparison.
 
-Reported: the rise of the peak resident memory (VmHWM, reset before the work; every allocation above
-64 KiB is its own mapping returned on free, so residency follows the live tensors) and the median time
-of 3 forward + backward passes. The ``many graphs`` outputs are checked against each graph alone.
+Reported, each from its own interpreter: the median time of 10 forward + backward passes with glibc
+keeping freed memory (as ``train.py`` runs), and the rise of the peak resident memory of one pass
+(VmHWM, reset before the work) where every allocation above 64 KiB is its own mapping returned on free,
+so residency follows the live tensors. The ``many graphs`` outputs are checked against each graph alone.
 """
 import argparse
 import json
@@ -31,11 +32,15 @@ import ctypes, json, re, statistics, sys, time, torch
 from torch_geometric.utils import to_dense_batch
 import difformer_lightning.conv as conv_module
 from difformer_lightning import DIFFormer
+from difformer_lightning.allocator import keep_freed_memory
 from difformer_lightning.attention import LinearAttentionStats
-ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: residency follows the live tensors
+mode, measure = sys.argv[1], sys.argv[2]
+if measure == "memory":
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: residency follows the live tensors
+else:
+    keep_freed_memory()
 def resident(key):
     return int(re.search(rf"{key}:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
-mode = sys.argv[1]
 sizes = [50] * 63 + [5000]
 generator = torch.Generator().manual_seed(0)
 batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -53,20 +58,21 @@ if mode == "padded":  # the previous implementation: every graph padded to the l
     conv_module.linear_attention = padded
 graph_batch = None if mode == "one" else batch
 model(x[:100], edges[:, :10], batch=None if mode == "one" else batch[:100])  # thread pools, first-use buffers
-times = []
-for repeat in range(3):
-    if repeat == 0:
+times, peak = [], None
+for repeat in range(1 if measure == "memory" else 10):
+    if measure == "memory":
         open("/proc/self/clear_refs", "w").write("5")  # resets the high-water mark
         before = resident("VmRSS")
     start = time.perf_counter()
     out = model(x, edges, batch=graph_batch)
     out.square().sum().backward()
     times.append(time.perf_counter() - start)
-    if repeat == 0:
+    if measure == "memory":
         peak = resident("VmHWM") - before
+    del out
     model.zero_grad(set_to_none=True)
 error = None
-if mode == "many":
+if mode == "many" and measure == "time":
     with torch.no_grad():
         together = model(x, edges, batch=batch)
         alone = torch.cat([model(x[batch == g], edges[:, batch[edges[1]] == g] - o) for g, o in enumerate(offsets)])
@@ -86,10 +92,15 @@ def main() -> None:
     print("| case | peak memory rise (MB) | forward + backward (s) | vs one graph (time, memory) |")
     print("|---|---|---|---|")
     for mode, name in MODES:
-        child = subprocess.run([sys.executable, "-c", CASE, mode], cwd=ROOT, capture_output=True, text=True)
-        if child.returncode:
-            raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
-        row = {"case": name, **json.loads(child.stdout.strip().splitlines()[-1])}
+        row = {"case": name}
+        for measure in ("time", "memory"):
+            child = subprocess.run([sys.executable, "-c", CASE, mode, measure], cwd=ROOT, capture_output=True,
+                                   text=True)
+            if child.returncode:
+                raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
+            found = json.loads(child.stdout.strip().splitlines()[-1])
+            row.update({"seconds": found["seconds"], "max_abs_diff_vs_alone": found["max_abs_diff_vs_alone"]}
+                       if measure == "time" else {"peak_rise_mb": found["peak_rise_mb"]})
         rows.append(row)
         one = rows[0]
         print(f"| {name} | {row['peak_rise_mb']:,.0f} | {row['seconds']:.2f} | "

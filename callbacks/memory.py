@@ -6,8 +6,10 @@ import torch
 
 
 def process_memory_mb() -> dict:
-    """RSS, PSS (shared pages divided among their users) and private memory of this process, in MB,
-    from /proc/self/smaps_rollup (Linux); empty where that file does not exist."""
+    """RSS, PSS (shared pages divided among their users), private memory (pages no other process maps,
+    including file pages of memory-mapped arrays only this process has touched) and anonymous memory
+    (the process's own heap and tensors, never page cache) of this process, in MB, from
+    /proc/self/smaps_rollup (Linux); empty where that file does not exist."""
     rollup = Path("/proc/self/smaps_rollup")
     if not rollup.is_file():
         return {}
@@ -16,11 +18,12 @@ def process_memory_mb() -> dict:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0]) / 1024
     return {"rss_mb": fields["Rss"], "pss_mb": fields["Pss"],
-            "private_mb": fields["Private_Clean"] + fields["Private_Dirty"]}
+            "private_mb": fields["Private_Clean"] + fields["Private_Dirty"], "anonymous_mb": fields["Anonymous"]}
 
 
 class Memory(pl.Callback):
-    """Logs ``memory/rss_mb``, ``memory/pss_mb``, ``memory/private_mb`` of each rank's main process
+    """Logs ``memory/rss_mb``, ``memory/pss_mb``, ``memory/private_mb``, ``memory/anonymous_mb`` of each
+    rank's main process
     (memory-mapped graph stores show up in RSS but, shared between ranks, not in private memory)
     and ``memory/cuda_max_allocated_mb`` on GPUs, every training epoch."""
 

@@ -17,13 +17,13 @@ the denominator in bfloat16 and overflow in float16 above 65,504 nodes.
 """
 import math
 from dataclasses import dataclass, fields
-from typing import Iterator, Literal, Optional, Tuple
+from typing import Iterator, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.utils import scatter, softmax, to_dense_batch
+from torch_geometric.utils import scatter, softmax
 
 QKNorm = Literal["frobenius", "row"]
 
@@ -131,18 +131,17 @@ class LinearAttentionStats:
         over: :math:`\mathrm{attn}_n = (\tilde{q}_n^\top \sum_l \tilde{k}_l v_l^\top + \sum_l v_l) /
         (\tilde{q}_n^\top \sum_l \tilde{k}_l + N)`. Returns ``[G, S, H, D]``."""
         mix, bias = self.operator(qk_norm)
-        product = torch.einsum("gnhm,ghmc->gnhc", _normalized(query, qk_norm), mix) + bias.unsqueeze(1)
-        return divide(product, self.value_sum.size(-1))
+        width, query = self.value_sum.size(-1), _normalized(query, qk_norm)
+        # The operator's columns split before the product: slicing the small [D, D + 1] matrix, not the
+        # [N, D + 1] product, keeps autograd from zero-filling product-sized gradients.
+        numerator = torch.einsum("gnhm,ghmd->gnhd", query, mix[..., :width]) + bias[..., :width].unsqueeze(1)
+        denominator = torch.einsum("gnhm,ghm->gnh", query, mix[..., width]) + bias[..., width].unsqueeze(1)
+        return numerator / denominator.unsqueeze(-1)
 
 
 def _square_norm(t: Tensor) -> Tensor:
     """``[G]``: the squared Frobenius norm of each graph's ``[S, H, D]`` block (no temporary of t's size)."""
     return torch.linalg.vector_norm(t, dim=(1, 2, 3)).square()
-
-
-def divide(product: Tensor, width: int) -> Tensor:
-    """Numerator over denominator of :meth:`LinearAttentionStats.operator`'s product ``[..., C]``."""
-    return product[..., :width] / product[..., width:width + 1]
 
 
 def _normalized(t: Tensor, qk_norm: QKNorm) -> Tensor:
@@ -175,33 +174,54 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm 
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         return LinearAttentionStats.of(query, key, value, qk_norm).attend(query, qk_norm)[0]
     check_sorted(batch)
-    parts, order = [], []
-    for nodes, graph_ids in size_groups(batch):
-        (q, mask), (k, _), (v, _) = (to_dense_batch(t if nodes is None else t[nodes], graph_ids)
-                                     for t in (query, key, value))
-        stats = LinearAttentionStats.of(q, k, v, qk_norm, num_nodes=mask.sum(dim=1))
-        parts.append(stats.attend(q, qk_norm)[mask])
-        order.append(nodes)
-    if order[0] is None:
-        return parts[0]
-    inverse = torch.empty_like(batch)
-    inverse[torch.cat(order)] = torch.arange(batch.numel(), device=batch.device)
-    return torch.cat(parts)[inverse]
+    groups = list(size_groups(batch))
+    consecutive = all(isinstance(nodes, slice) for nodes, _ in groups)
+    if consecutive:  # split (one gradient cat) instead of per-group slices (a zero-filled gradient each)
+        groups.sort(key=lambda group: group[0].start)
+        lengths = [nodes.stop - nodes.start for nodes, _ in groups]
+        pieces = list(zip(*(t.split(lengths) for t in (query, key, value))))
+    else:
+        pieces = [tuple(t.index_select(0, nodes) for t in (query, key, value)) for nodes, _ in groups]
+    parts = [_attend_group(*piece, graph_ids, qk_norm) for piece, (_, graph_ids) in zip(pieces, groups)]
+    if consecutive:
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    positions = torch.cat([nodes for nodes, _ in groups])
+    inverse = torch.empty_like(positions)
+    inverse[positions] = torch.arange(batch.numel(), device=batch.device)
+    return torch.cat(parts).index_select(0, inverse)
 
 
-def size_groups(batch: Tensor) -> Iterator[Tuple[Optional[Tensor], Tensor]]:
+def _attend_group(query: Tensor, key: Tensor, value: Tensor, graph_ids: Tensor, qk_norm: QKNorm) -> Tensor:
+    """DIFFormer-s within each graph of a group of similar size (``graph_ids`` sorted, from 0), its graphs
+    padded to the largest. Padding and unpadding by index_copy / index_select: their gradients are
+    index_select / index_add, far cheaper on the CPU than the accumulating index_put of boolean-mask
+    indexing; graphs of equal size need neither (a view)."""
+    sizes = torch.bincount(graph_ids)
+    largest = int(sizes.max())
+    shape = (sizes.numel(), largest, *query.shape[1:])
+    slots = None
+    if largest * sizes.numel() != graph_ids.numel():
+        rows = torch.arange(graph_ids.numel(), device=graph_ids.device) - (torch.cumsum(sizes, 0) - sizes)[graph_ids]
+        slots = graph_ids * largest + rows
+        query, key, value = (t.new_zeros(shape[0] * shape[1], *shape[2:]).index_copy(0, slots, t)
+                             for t in (query, key, value))
+    query, key, value = (t.reshape(shape) for t in (query, key, value))
+    out = LinearAttentionStats.of(query, key, value, qk_norm, num_nodes=sizes).attend(query, qk_norm).flatten(0, 1)
+    return out if slots is None else out.index_select(0, slots)
+
+
+def size_groups(batch: Tensor) -> Iterator[Tuple[Union[slice, Tensor], Tensor]]:
     """Groups the graphs of a sorted ``batch`` by size so that padding a group to its largest graph at
-    most multiplies its rows by 1.25. Yields ``(nodes, graph_ids)``: the node positions of the group
-    (``None`` when it is every node, in order) and their graph ids renumbered ``0, 1, ...``."""
+    most multiplies its rows by 1.25. Yields ``(nodes, graph_ids)``: the group's node positions (a
+    ``slice`` when they are consecutive) and their graph ids renumbered ``0, 1, ...``."""
     sizes = torch.bincount(batch)
     level = torch.floor(torch.log(sizes.clamp_min(1).double()) / math.log(_SIZE_GROUP_RATIO)).long()
     node_level = level[batch]
-    levels = torch.unique(node_level)
-    if levels.numel() == 1:
-        yield None, torch.unique_consecutive(batch, return_inverse=True)[1]
-        return
-    for value in levels:
+    for value in torch.unique(node_level):
         nodes = torch.nonzero(node_level == value).flatten()
+        first, last = int(nodes[0]), int(nodes[-1])
+        if last - first + 1 == nodes.numel():
+            nodes = slice(first, last + 1)
         yield nodes, torch.unique_consecutive(batch[nodes], return_inverse=True)[1]
 
 

@@ -10,7 +10,7 @@ from torch_geometric.data import Data
 from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
 from .contracts import ExactEvaluationData, ExactEvaluationPlan, NodeRows
 from .model import DIFFormer
-from .streaming import Collectives, ExactStates, exact_states
+from .streaming import Collectives, ExactStates, Scratch, exact_states
 
 
 class EncoderModule(pl.LightningModule):
@@ -52,6 +52,7 @@ class EncoderModule(pl.LightningModule):
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
+        self._scratch: Optional[Scratch] = None
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder:
@@ -85,19 +86,25 @@ class EncoderModule(pl.LightningModule):
         plan = self._exact_plan
         if plan is None:
             return
-        strategy = self.trainer.strategy
-        collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
-                                  all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
-                                  barrier=strategy.barrier, broadcast=strategy.broadcast, flush=plan.shared)
+        if self._scratch is None:  # kept for every evaluation of this stage (its files stay in the page cache)
+            strategy = self.trainer.strategy
+            collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
+                                      all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
+                                      barrier=strategy.barrier, broadcast=strategy.broadcast, flush=plan.shared)
+            self._scratch = Scratch(plan.scratch_dir, collectives)
         # Lightning applies the precision (autocast) around the steps only; the pass runs here, before them.
         with self.trainer.precision_plugin.forward_context():
-            self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, plan.scratch_dir, self.device,
-                                       collectives)
+            self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, self._scratch, self.device)
 
     def _end_exact_pass(self) -> None:
         if self._exact is not None:
-            self._exact.release()
             self._exact = None
+            self.trainer.strategy.barrier()  # every rank has read its rows before the next pass rewrites them
+
+    def teardown(self, stage: str) -> None:
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
 
     def on_validation_epoch_start(self) -> None:
         self._start_exact_pass()

@@ -27,7 +27,8 @@ def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_
 
     ``source`` holds global node ids, ``target`` positions in the block (``0 .. num_targets - 1``).
     Existing self loops (``source == start + target``), repeated or not, are replaced by one loop per
-    target, appended at the end; it carries the weight of the target's last existing loop in edge order,
+    target, appended at the end (or, when the edges are sorted by target, at the end of its target's
+    run, so they stay sorted); it carries the weight of the target's last existing loop in edge order,
     else 1 (PyG's ``add_remaining_self_loops`` semantics). Written here rather than calling PyG's function
     because the streamed forward applies it to one block of targets of a graph at a time.
 
@@ -37,19 +38,31 @@ def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_
     is_loop = source == target + start
     keep = ~is_loop
     loops = torch.arange(num_targets, device=target.device)
-    new_source = torch.cat([source[keep], loops + start])
-    new_target = torch.cat([target[keep], loops])
-    if weight is None:
-        return new_source, new_target, None
-    loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
-    if bool(is_loop.any()):
-        position = torch.nonzero(is_loop).flatten()
-        loop_target = target[position]
-        last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
-        last.scatter_reduce_(0, loop_target, position, reduce="amax")
-        has_loop = last >= 0
-        loop_weight[has_loop] = weight[last[has_loop]]
-    return new_source, new_target, torch.cat([weight[keep], loop_weight])
+    loop_weight = None
+    if weight is not None:
+        loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
+        if bool(is_loop.any()):
+            position = torch.nonzero(is_loop).flatten()
+            last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
+            last.scatter_reduce_(0, target[position], position, reduce="amax")
+            has_loop = last >= 0
+            loop_weight[has_loop] = weight[last[has_loop]]
+    parts = [(source[keep], loops + start), (target[keep], loops)] + \
+        ([(weight[keep], loop_weight)] if weight is not None else [])
+    if target.numel() and bool((target[1:] >= target[:-1]).all()):
+        # Edges sorted by target (a store's CSR rows) stay sorted, each loop last in its row, so the
+        # sparse matrix needs no sort: the same order a stable sort of the appended loops would give.
+        kept_target = parts[1][0]
+        kept_slots = torch.arange(kept_target.numel(), device=target.device) + kept_target
+        loop_slots = torch.cumsum(torch.bincount(kept_target, minlength=num_targets), 0) + loops
+        merged = []
+        for kept, loop in parts:
+            out = kept.new_empty(kept.numel() + num_targets)
+            out[kept_slots], out[loop_slots] = kept, loop
+            merged.append(out)
+    else:
+        merged = [torch.cat(pair) for pair in parts]
+    return merged[0], merged[1], merged[2] if weight is not None else None
 
 
 def gcn_degree(source: Tensor, target: Tensor, num_targets: int, start: int = 0) -> Tensor:
@@ -133,20 +146,22 @@ class NormalizedGraph:
 
     @classmethod
     def rows(cls, source: Tensor, target: Tensor, weight: Optional[Tensor], inv_sqrt_degree: Tensor, start: int,
-             num_targets: int, device: Optional[torch.device] = None) -> Tuple["NormalizedGraph", Tensor]:
+             num_targets: int, gather_to: Optional[torch.device] = None) -> Tuple["NormalizedGraph", Optional[Tensor]]:
         """Rows ``start .. start + num_targets - 1`` of :math:`\\hat{A}` from their in-edges (``source``
-        global ids, ``target`` positions in the block, ``weight`` or ``None``; on ``inv_sqrt_degree``'s
-        device, the block is then moved to ``device``).
+        global ids, ``target`` positions in the block, ``weight`` or ``None``), all on
+        ``inv_sqrt_degree``'s device (the CPU for a store).
 
-        Returns the block, whose columns are the distinct sources, and those sources' global ids
-        ``[S]`` (sorted, on the CPU): ``block.propagate(V[ids])`` equals rows ``start ..`` of
-        ``build(...).propagate(V)``.
+        By default the block's columns are all N nodes: ``block.propagate(V)`` with ``V`` ``[N, ...]`` (a
+        memory-mapped array's tensor: only the rows the block needs are read) equals rows ``start ..`` of
+        ``build(...).propagate(V)``; the second value returned is ``None``. With ``gather_to`` (a device)
+        the columns are the distinct sources, whose global ids ``[S]`` (sorted, on the CPU) are returned,
+        and the block is moved there: gather ``V[ids]`` onto that device and propagate that.
         """
         source, target, values = normalized_in_edges(source, target, weight, inv_sqrt_degree, num_targets, start)
+        if gather_to is None:
+            return cls(source, target, values, num_targets, inv_sqrt_degree.numel()), None
         ids, columns = torch.unique(source, return_inverse=True)
-        if device is not None:
-            columns, target, values = columns.to(device), target.to(device), values.to(device)
-        return cls(columns, target, values, num_targets, ids.numel()), ids
+        return cls(columns.to(gather_to), target.to(gather_to), values.to(gather_to), num_targets, ids.numel()), ids
 
     def propagate(self, values: Tensor) -> Tensor:
         """:math:`\\hat{A} V` for ``values`` ``[num_sources, ...]`` -> ``[num_targets, ...]``, in float32
@@ -179,14 +194,16 @@ def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_rows: int, num_colum
 
     Repeated entries stay separate (a product sums them, as coalescing would): PyG's
     ``to_torch_csr_tensor`` coalesces, a sort by row and column plus a pass for duplicates,
-    where a stable sort by row is all CSR needs.
+    where a stable sort by row is all CSR needs, and none when the rows are already sorted.
     """
-    order = torch.sort(rows, stable=True).indices
+    if rows.numel() and not bool((rows[1:] >= rows[:-1]).all()):
+        order = torch.sort(rows, stable=True).indices
+        columns, values = columns[order], values[order]
     row_pointer = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(torch.bincount(rows, minlength=num_rows), dim=0, out=row_pointer[1:])
     with warnings.catch_warnings():  # torch warns about sparse CSR on every build
         warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
-        return torch.sparse_csr_tensor(row_pointer, columns[order], values[order], size=(num_rows, num_columns))
+        return torch.sparse_csr_tensor(row_pointer, columns, values, size=(num_rows, num_columns))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,11 +19,12 @@ Layer states live in memory-mapped scratch arrays that every rank of a machine m
 page cache), with a barrier between passes. Several machines need a scratch folder on a file system
 they all mount (``flush=True`` then writes each rank's rows back before every barrier).
 """
+import atexit
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,17 +60,62 @@ class Collectives:
     flush: bool = False
 
 
+class Scratch:
+    """The memory-mapped scratch arrays of exact passes, in a folder of their own under ``scratch_dir``
+    (the system's temporary folder by default) that rank 0 creates on first use and every rank maps.
+
+    Arrays are created once and reused by later passes that ask for the same shapes (the files' pages
+    stay in the page cache: a pass does not fault fresh ones in). :meth:`close` (or the end of the
+    process, on rank 0) deletes the folder.
+    """
+
+    def __init__(self, scratch_dir: Optional[Union[str, Path]] = None,
+                 collectives: Optional[Collectives] = None) -> None:
+        self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+        self.collectives = collectives or Collectives()
+        self.folder: Optional[Path] = None
+        self._layout = None
+        self.arrays: Dict[str, np.ndarray] = {}
+        # arrays that hold what they hold for the whole run (the degrees of the graph given by `key`)
+        self.filled: set = set()
+        atexit.register(self.close)
+
+    def get(self, shapes: Dict[str, Tuple[int, ...]], dtype: np.dtype) -> Dict[str, np.ndarray]:
+        """Arrays of these shapes and dtype (created, or reused when the last call asked for the same).
+        A collective: every rank calls it."""
+        layout = (tuple(shapes.items()), np.dtype(dtype).str)
+        if layout == self._layout:
+            return self.arrays
+        self.arrays = {}
+        if self.folder is None:
+            folder = None
+            if self.collectives.rank == 0:
+                self.scratch_dir.mkdir(parents=True, exist_ok=True)
+                folder = tempfile.mkdtemp(prefix="difformer-exact-", dir=self.scratch_dir)
+            self.folder = Path(self.collectives.broadcast(folder))
+        if self.collectives.rank == 0:
+            for old in self.folder.glob("*.npy"):
+                old.unlink()
+            for name, shape in shapes.items():
+                np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", dtype, shape).flush()
+        self.collectives.barrier()
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+") for name in shapes}
+        self._layout, self.filled = layout, set()
+        return self.arrays
+
+    def close(self) -> None:
+        self.arrays, self._layout, self.filled = {}, None, set()
+        if self.folder is not None and self.collectives.rank == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+
 @dataclass
 class ExactStates:
-    """The final hidden states ``[N, hidden]`` of every node, memory-mapped from the scratch folder.
+    """The final hidden states ``[N, hidden]`` of every node, memory-mapped from the scratch folder
+    (valid until the next pass over the same :class:`Scratch`); :meth:`rows` reads any rows."""
 
-    :meth:`rows` reads any rows; :meth:`release` deletes the scratch folder (rank 0, after every rank
-    is done with it: call it on every rank)."""
-
-    folder: Path
     states: np.ndarray
-    collectives: Collectives = field(default_factory=Collectives)
-    owns_folder: bool = True
 
     @property
     def num_nodes(self) -> int:
@@ -81,12 +127,6 @@ class ExactStates:
             ids = ids.cpu().numpy()
         return torch.from_numpy(np.ascontiguousarray(self.states[ids]))
 
-    def release(self) -> None:
-        self.collectives.barrier()
-        self.states = None
-        if self.collectives.rank == 0 and self.owns_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
     """Consecutive ``(start, stop)`` node ranges of at most ``chunk_nodes`` covering ``0 .. num_nodes - 1``."""
@@ -96,34 +136,28 @@ def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
 
 
 @torch.no_grad()
-def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536,
-                 scratch_dir: Optional[Union[str, Path]] = None, device: Optional[torch.device] = None,
-                 collectives: Optional[Collectives] = None) -> ExactStates:
+def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536, scratch: Optional[Scratch] = None,
+                 device: Optional[torch.device] = None, gather: Optional[bool] = None) -> ExactStates:
     """The final states of ``model`` (evaluated as it is: call ``model.eval()`` first) for every node of
     ``source``, exactly as ``model.diffuse(x, edge_index, edge_weight)[-1]`` over the whole graph.
 
     Chunks of ``chunk_nodes`` rows run on ``device`` (the model's by default) under the caller's autocast
-    (projections in its dtype, every sum in float32 or wider, as in training). Scratch arrays (two state
-    arrays, plus values, keys and degrees where the kernel needs them) go to a new folder under
-    ``scratch_dir`` (the system's temporary folder by default); they need about ``N x (2 x hidden +
-    heads x width x 2) x 4`` bytes of disk. Call on every rank with the same arguments; the returned
-    states must be ``release()``-d on every rank.
+    (projections in its dtype, every sum in float32 or wider, as in training). The scratch arrays (two
+    state arrays, plus values, keys and degrees where the kernel needs them: about ``N x (2 x hidden +
+    2 x heads x width) x 4`` bytes of disk) come from ``scratch`` (a new :class:`Scratch` under the
+    system's temporary folder by default), whose collectives say which rank this is: call on every rank
+    with the same arguments. The graph term reads its sources' values straight from the scratch file on
+    the CPU; on another device (or with ``gather=True``) the rows a chunk needs are gathered to it.
     """
-    collectives = collectives or Collectives()
+    scratch = scratch or Scratch()
+    collectives = scratch.collectives
     device = device or next(model.parameters()).device
+    gather_to = device if (gather if gather is not None else device.type != "cpu") else None
     conv = model.convs[0]
     num_nodes, hidden = source.num_nodes, model.lin_in.out_features
     dtype = accumulation_dtype(next(model.parameters()).dtype)
-    numpy_dtype = np.dtype(str(dtype).replace("torch.", ""))
     chunks = chunk_ranges(num_nodes, chunk_nodes)
     mine = list(enumerate(chunks))[collectives.rank::collectives.world_size]
-
-    folder = None
-    if collectives.rank == 0:
-        base = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        folder = tempfile.mkdtemp(prefix="difformer-exact-", dir=base)
-    folder = Path(collectives.broadcast(folder))
     shapes = {"h0": (num_nodes, hidden), "h1": (num_nodes, hidden)}
     per_node = (num_nodes, conv.num_heads, conv.out_channels)
     if conv.needs_graph or conv.kernel == "sigmoid":
@@ -132,59 +166,45 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
         shapes["key"] = per_node
     if conv.needs_graph:
         shapes["inv_sqrt_degree"] = (num_nodes,)
-    try:
-        if collectives.rank == 0:
-            for name, shape in shapes.items():
-                np.lib.format.open_memmap(folder / f"{name}.npy", "w+", numpy_dtype, shape).flush()
-        collectives.barrier()
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in shapes}
-        scratch = _Scratch(arrays, collectives, device, dtype)
-
+    arrays = scratch.get(shapes, np.dtype(str(dtype).replace("torch.", "")))
+    rows = _Rows(arrays, collectives, device, dtype)
+    # The degrees depend on the graph only: computed in the first pass over it with these arrays.
+    degrees = conv.needs_graph and ("inv_sqrt_degree", id(source)) not in scratch.filled
+    for _, (start, stop) in mine:
+        rows.write("h0", start, model.encode(source.features(start, stop).to(device)))
+        if degrees:
+            edge_source, target, _ = source.in_edges(start, stop)
+            rows.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
+                       .to(dtype).pow(-0.5))
+    if degrees:
+        scratch.filled.add(("inv_sqrt_degree", id(source)))
+    rows.sync()
+    inv_sqrt_degree = torch.from_numpy(arrays["inv_sqrt_degree"]) if conv.needs_graph else None
+    for layer, conv in enumerate(model.convs):
+        before, after = f"h{layer % 2}", f"h{(layer + 1) % 2}"
+        stats = _first_pass(conv, rows, before, mine, len(chunks))
         for _, (start, stop) in mine:
-            scratch.write("h0", start, model.encode(source.features(start, stop).to(device)))
-            if conv.needs_graph:
-                edge_source, target, _ = source.in_edges(start, stop)
-                scratch.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
-                              .to(dtype).pow(-0.5))
-        scratch.sync()
-        inv_sqrt_degree = torch.from_numpy(arrays["inv_sqrt_degree"]) if conv.needs_graph else None
-        for layer, conv in enumerate(model.convs):
-            before, after = f"h{layer % 2}", f"h{(layer + 1) % 2}"
-            stats = _first_pass(conv, scratch, before, mine, len(chunks))
-            for _, (start, stop) in mine:
-                h = scratch.read(before, start, stop)
-                query, _, value = conv.project(h)
-                with torch.autocast(device_type=device.type, enabled=False):
-                    attention = None
-                    if conv.kernel == "simple":
-                        attention = conv.attend(query, stats)
-                    elif conv.kernel == "sigmoid":
-                        attention = _sigmoid_rows(conv, query, scratch, chunks)
-                    local = None
-                    if conv.needs_graph:
-                        edge_source, target, weight = source.in_edges(start, stop)
-                        graph, ids = NormalizedGraph.rows(edge_source, target, weight, inv_sqrt_degree, start,
-                                                          stop - start, device=device)
-                        local = conv.local(graph, scratch.gather("value", ids), value)
-                    update = conv.combine(value, attention, local)
-                scratch.write(after, start, model.step(layer, h, update))
-            scratch.sync()
-        final = f"h{len(model.convs) % 2}"
-        states = arrays.pop(final)
-        arrays.clear()
-        collectives.barrier()
-        if collectives.rank == 0:  # the other scratch arrays are no longer needed
-            for name in shapes:
-                if name != final:
-                    (folder / f"{name}.npy").unlink()
-        return ExactStates(folder, states, collectives)
-    except BaseException:
-        if collectives.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+            h = rows.read(before, start, stop)
+            query, _, value = conv.project(h)
+            with torch.autocast(device_type=device.type, enabled=False):
+                attention = None
+                if conv.kernel == "simple":
+                    attention = conv.attend(query, stats)
+                elif conv.kernel == "sigmoid":
+                    attention = _sigmoid_rows(conv, query, rows, chunks)
+                local = None
+                if conv.needs_graph:
+                    edge_source, target, weight = source.in_edges(start, stop)
+                    graph, ids = NormalizedGraph.rows(edge_source, target, weight, inv_sqrt_degree, start,
+                                                      stop - start, gather_to)
+                    local = conv.local(graph, rows.gather("value", ids), value)
+                update = conv.combine(value, attention, local)
+            rows.write(after, start, model.step(layer, h, update))
+        rows.sync()
+    return ExactStates(arrays[f"h{len(model.convs) % 2}"])
 
 
-def _first_pass(conv, scratch: "_Scratch", before: str, mine, num_chunks: int) -> Optional[LinearAttentionStats]:
+def _first_pass(conv, scratch: "_Rows", before: str, mine, num_chunks: int) -> Optional[LinearAttentionStats]:
     """Writes every node's values (and keys) where later passes gather them; for DIFFormer-s returns the
     global statistics, summed over chunks in chunk order whatever the number of ranks."""
     if not (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
@@ -216,7 +236,7 @@ def _first_pass(conv, scratch: "_Scratch", before: str, mine, num_chunks: int) -
     return template.unflatten(table.sum(dim=0).to(scratch.dtype))
 
 
-def _sigmoid_rows(conv, query: Tensor, scratch: "_Scratch", chunks) -> Tensor:
+def _sigmoid_rows(conv, query: Tensor, scratch: "_Rows", chunks) -> Tensor:
     """DIFFormer-a for one chunk of queries against the keys of every chunk (each read once), in row
     blocks that keep each block's scores within ``conv.sigmoid_block_bytes``."""
     largest = max(stop - start for start, stop in chunks)
@@ -232,7 +252,7 @@ def _sigmoid_rows(conv, query: Tensor, scratch: "_Scratch", chunks) -> Tensor:
     return torch.cat(numerators) / torch.cat(denominators)
 
 
-class _Scratch:
+class _Rows:
     """Reads and writes rows of the scratch arrays, moving them between the CPU and the device."""
 
     def __init__(self, arrays, collectives: Collectives, device: torch.device, dtype: torch.dtype) -> None:
@@ -241,8 +261,11 @@ class _Scratch:
     def read(self, name: str, start: int, stop: int) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.arrays[name][start:stop])).to(self.device)
 
-    def gather(self, name: str, ids: Tensor) -> Tensor:
-        """Rows ``ids`` (sorted, unique) of ``name``."""
+    def gather(self, name: str, ids: Optional[Tensor]) -> Tensor:
+        """Rows ``ids`` (sorted, unique) of ``name`` on the device; ``None``: the whole array, memory-mapped
+        (on the CPU, where a sparse product reads only the rows it needs)."""
+        if ids is None:
+            return torch.from_numpy(self.arrays[name])
         return torch.from_numpy(self.arrays[name][ids.cpu().numpy()]).to(self.device)
 
     def write(self, name: str, start: int, rows: Tensor) -> None:
@@ -258,15 +281,16 @@ class _Scratch:
 
 @torch.no_grad()
 def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536,
-                        workdir: Optional[Union[str, Path]] = None,
-                        out: Optional[Union[str, Path]] = None) -> Tensor:
+                        workdir: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
+                        gather: Optional[bool] = None) -> Tensor:
     """Logits ``[N, out_channels]`` of ``model`` (in eval mode) over every node of ``source``, in one
     process: :func:`exact_states` and :meth:`DIFFormer.decode` chunk by chunk. Returned in memory, or,
     with ``out``, written to that ``.npy`` file (a temporary name, then renamed) and returned
     memory-mapped (for 111M nodes x 172 classes they take 76 GB)."""
     model.eval()
-    states = exact_states(model, source, chunk_nodes, workdir)
+    scratch = Scratch(workdir)
     try:
+        states = exact_states(model, source, chunk_nodes, scratch, gather=gather)
         classes, num_nodes = model.lin_out.out_features, source.num_nodes
         if out is None:
             logits = np.empty((num_nodes, classes), np.float32)
@@ -284,4 +308,4 @@ def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int 
         staging.replace(out)
         return torch.from_numpy(np.load(out, mmap_mode="c"))
     finally:
-        states.release()
+        scratch.close()

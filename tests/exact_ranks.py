@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from datamodules import GraphStore
 from difformer_lightning import DIFFormer
-from difformer_lightning.streaming import Collectives, exact_states
+from difformer_lightning.streaming import Collectives, Scratch, exact_states
 
 
 def collectives(rank: int, world: int) -> Collectives:
@@ -34,13 +34,15 @@ def collectives(rank: int, world: int) -> Collectives:
 def run(rank: int, world: int, store: str, out: str, chunk: int, kernels: list, init: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     source = GraphStore.open(store)
+    scratch = Scratch(collectives=collectives(rank, world))  # one for every kernel: reused or re-laid out
     for kernel in kernels:
         torch.manual_seed(0)
         model = DIFFormer(source.num_features, 8, source.num_classes, num_layers=3, num_heads=2, kernel=kernel).eval()
-        states = exact_states(model, source, chunk, collectives=collectives(rank, world))
+        states = exact_states(model, source, chunk, scratch)
         if rank == 0:
             np.save(f"{out}-{kernel}.npy", states.rows(slice(0, source.num_nodes)).numpy())
-        states.release()
+        dist.barrier()
+    scratch.close()
     dist.destroy_process_group()
 
 

@@ -197,10 +197,12 @@ def test_bf16_encoder_forward_agrees_with_float32_on_100k_nodes():
 @pytest.mark.parametrize("kernel, qk_norm, use_graph", [
     ("simple", "frobenius", True), ("simple", "row", False), ("sigmoid", "frobenius", True),
     ("gcn", "frobenius", True), ("gat", "frobenius", True), ("none", "frobenius", False)])
-def test_a_batch_of_graphs_gives_each_graph_what_it_gets_alone(kernel, qk_norm, use_graph):
+@pytest.mark.parametrize("sizes", [(7, 1, 15, 4), (30, 4, 4, 4), (4, 4, 30, 5, 5)])
+def test_a_batch_of_graphs_gives_each_graph_what_it_gets_alone(kernel, qk_norm, use_graph, sizes):
+    # sizes: groups of unequal sizes, a large graph first, equal-sized graphs around a large one
     from torch_geometric.data import Batch, Data
     graphs = [Data(x=x, edge_index=e, edge_weight=w)
-              for x, e, w in (random_graph(n, 3 * n, seed=n) for n in (7, 1, 15, 4))]
+              for x, e, w in (random_graph(n, 3 * n, seed=i) for i, n in enumerate(sizes))]
     model = build(kernel, heads=2, use_graph=use_graph, qk_norm=qk_norm)
     batched = Batch.from_data_list(graphs)
     with torch.no_grad():
@@ -213,6 +215,7 @@ def test_a_batch_of_graphs_gives_each_graph_what_it_gets_alone(kernel, qk_norm, 
     with torch.no_grad():
         moved = model(shifted, batched.edge_index, batched.edge_weight, batched.batch)
     assert torch.equal(moved[batched.batch != 2], together[batched.batch != 2])
+    assert not torch.equal(moved[batched.batch == 2], together[batched.batch == 2])
 
 
 def test_an_unsorted_batch_vector_is_refused():

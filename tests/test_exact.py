@@ -74,6 +74,9 @@ def test_streamed_forward_equals_the_in_memory_forward(awkward, tmp_path, case):
                          data.edge_weight if needs_graph and weighted else None)
     got = layerwise_inference(model, store, chunk_nodes=7, workdir=tmp_path)  # 4 chunks of 7 and one of 1
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # the accelerator's form (each chunk's source rows gathered), run here on the CPU
+    gathered = layerwise_inference(model, store, chunk_nodes=7, workdir=tmp_path, gather=True)
+    torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_store_keeps_edge_weights_duplicates_and_self_loops(awkward):
@@ -108,9 +111,15 @@ def test_rows_of_the_normalised_graph_are_the_rows_of_the_whole(awkward, start, 
     inv_sqrt = gcn_degree(source, target, NUM_NODES).float().pow(-0.5)
     source, target, weight = store.in_edges(start, stop)
     block, ids = NormalizedGraph.rows(source, target, weight, inv_sqrt, start, stop - start)
+    assert ids is None
+    torch.testing.assert_close(block.adjacency.to_dense(), whole[start:stop])
+    # the form for an accelerator: columns are the distinct sources, gathered by id
+    block, ids = NormalizedGraph.rows(source, target, weight, inv_sqrt, start, stop - start, torch.device("cpu"))
     dense = torch.zeros(stop - start, NUM_NODES)
     dense[:, ids] = block.adjacency.to_dense()
     torch.testing.assert_close(dense, whole[start:stop])
+    values = torch.randn(NUM_NODES, 2, 3)
+    torch.testing.assert_close(block.propagate(values[ids]), (whole @ values.view(NUM_NODES, -1))[start:stop].view(-1, 2, 3))
 
 
 def test_attention_statistics_add_up_over_chunks_and_survive_one_all_reduce():
