@@ -129,16 +129,22 @@ class DIFFormerConv(nn.Module):
             local = self.local(graph, value, value) if self.needs_graph else None
             return self.combine(value, attention, local)
 
-    def project(self, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-        """``(Q, K, V)`` of ``x`` ``[N, in_channels]``, each ``[N, H, out_channels]`` (Q and K ``None`` for
-        the local kernels), in float32 (float64 stays float64): the projections run in autocast's dtype,
-        everything after them sums over nodes."""
+    def project(self, x: Tensor, parts: str = "qkv") -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """``(Q, K, V)`` of ``x`` ``[N, in_channels]``, each ``[N, H, out_channels]``, in float32 (float64
+        stays float64): the projections run in autocast's dtype, everything after them sums over nodes.
+        Q and K are ``None`` for the local kernels, and so is any of the three not named in ``parts``."""
         shape = (x.size(0), self.num_heads, self.out_channels)
-        value = self.value(x).view(shape) if self.use_weight else x.unsqueeze(1).expand(shape)
-        query = self.query(x).view(shape) if self.query is not None else None
-        key = self.key(x).view(shape) if self.key is not None else None
-        dtype = accumulation_dtype(value.dtype)
-        return tuple(None if t is None else t.to(dtype) for t in (query, key, value))
+        linears = {"q": self.query, "k": self.key, "v": self.value}
+        out = []
+        for name, linear in linears.items():
+            if name not in parts:
+                out.append(None)
+            elif name == "v" and not self.use_weight:
+                out.append(x.unsqueeze(1).expand(shape))
+            else:
+                out.append(linear(x).view(shape) if linear is not None else None)
+        dtype = accumulation_dtype(next(t.dtype for t in out if t is not None))
+        return tuple(None if t is None else t.to(dtype) for t in out)
 
     def statistics(self, query: Tensor, key: Tensor, value: Tensor) -> LinearAttentionStats:
         """DIFFormer-s: the global sums over the nodes of ``query``, ``key``, ``value`` ``[N, H, D]``
@@ -178,7 +184,7 @@ class DIFFormerConv(nn.Module):
             out = attention_weight * attention + local_weight * local
         else:
             out = attention
-        return out.mean(dim=1)
+        return out[:, 0] if self.num_heads == 1 else out.mean(dim=1)  # one head: a view, not a copy
 
     def _fused_simple(self, x: Tensor, graph: Optional[NormalizedGraph]) -> Tensor:
         """DIFFormer-s on one graph (the reference's normalisation): one input projection for

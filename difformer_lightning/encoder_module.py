@@ -10,7 +10,7 @@ from torch_geometric.data import Data
 from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
 from .contracts import ExactEvaluationData, ExactEvaluationPlan, NodeRows
 from .model import DIFFormer
-from .streaming import Collectives, ExactStates, Scratch, exact_states
+from .streaming import Collectives, ExactStates, Scratch, exact_states, scratch_layout
 
 
 class EncoderModule(pl.LightningModule):
@@ -64,6 +64,14 @@ class EncoderModule(pl.LightningModule):
             self.encoder.check_fits(datamodule.max_batch_nodes)
         if isinstance(datamodule, ExactEvaluationData):
             self._exact_plan = datamodule.evaluation_plan(self.encoder)
+        if self._exact_plan is not None and self._scratch is None:
+            # The scratch arrays are allocated (their pages populated) once, here, not in the first evaluation.
+            strategy, shared = self.trainer.strategy, self._exact_plan.shared
+            collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
+                                      all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
+                                      barrier=strategy.barrier, broadcast=strategy.broadcast, flush=shared)
+            self._scratch = Scratch(self._exact_plan.scratch_dir, collectives)
+            self._scratch.get(*scratch_layout(self.encoder, self._exact_plan.source.num_nodes))
 
     def forward(self, batch: Data) -> Tensor:
         return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))
@@ -86,12 +94,6 @@ class EncoderModule(pl.LightningModule):
         plan = self._exact_plan
         if plan is None:
             return
-        if self._scratch is None:  # kept for every evaluation of this stage (its files stay in the page cache)
-            strategy = self.trainer.strategy
-            collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
-                                      all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
-                                      barrier=strategy.barrier, broadcast=strategy.broadcast, flush=plan.shared)
-            self._scratch = Scratch(plan.scratch_dir, collectives)
         # Lightning applies the precision (autocast) around the steps only; the pass runs here, before them.
         with self.trainer.precision_plugin.forward_context():
             self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, self._scratch, self.device)

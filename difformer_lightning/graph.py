@@ -36,19 +36,21 @@ def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_
     ``None`` when it is).
     """
     is_loop = source == target + start
+    any_loop = bool(is_loop.any())
     keep = ~is_loop
     loops = torch.arange(num_targets, device=target.device)
     loop_weight = None
     if weight is not None:
         loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
-        if bool(is_loop.any()):
+        if any_loop:
             position = torch.nonzero(is_loop).flatten()
             last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
             last.scatter_reduce_(0, target[position], position, reduce="amax")
             has_loop = last >= 0
             loop_weight[has_loop] = weight[last[has_loop]]
-    parts = [(source[keep], loops + start), (target[keep], loops)] + \
-        ([(weight[keep], loop_weight)] if weight is not None else [])
+    kept = (lambda t: t[keep]) if any_loop else (lambda t: t)  # noqa: E731  (no copy without loops)
+    parts = [(kept(source), loops + start), (kept(target), loops)] + \
+        ([(kept(weight), loop_weight)] if weight is not None else [])
     if target.numel() and bool((target[1:] >= target[:-1]).all()):
         # Edges sorted by target (a store's CSR rows) stay sorted, each loop last in its row, so the
         # sparse matrix needs no sort: the same order a stable sort of the appended loops would give.

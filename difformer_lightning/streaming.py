@@ -15,11 +15,12 @@ Every piece of math is the model's own: :meth:`DIFFormer.encode`, :meth:`DIFForm
 Several processes (DDP ranks) share the work: rank ``r`` of ``W`` streams chunks ``r, r + W, ...``; the
 per-chunk statistics go into one table that is all-reduced (each slot has a single contributor, so the
 sum is exact) and added up in chunk order, so the result is bitwise the same for any number of ranks.
-Layer states live in memory-mapped scratch arrays that every rank of a machine maps (one copy in the
-page cache), with a barrier between passes. Several machines need a scratch folder on a file system
+Layer states and values live in memory-mapped scratch arrays that every rank of a machine maps (one copy
+in the page cache), with a barrier between passes. Several machines need a scratch folder on a file system
 they all mount (``flush=True`` then writes each rank's rows back before every barrier).
 """
 import atexit
+import mmap
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ class Scratch:
             for name, shape in shapes.items():
                 np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", dtype, shape).flush()
         self.collectives.barrier()
-        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+") for name in shapes}
+        self.arrays = {name: _map_populated(self.folder / f"{name}.npy") for name in shapes}
         self._layout, self.filled = layout, set()
         return self.arrays
 
@@ -108,6 +109,29 @@ class Scratch:
         if self.folder is not None and self.collectives.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (<linux/mman.h>); Python's mmap module does not name it
+
+
+def _map_populated(path: Path) -> np.ndarray:
+    """A writable shared mapping of the ``.npy`` file ``path``, its pages allocated up front.
+
+    Faulting in a fresh file page on its first write costs microseconds per 4 KiB page: measured here, the
+    first exact pass over 8M nodes spent 14 s in such faults, more than in any computation.
+    ``MADV_POPULATE_WRITE`` allocates them in one call (a no-op where the kernel lacks it)."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(file)
+        offset = file.tell()
+    with open(path, "r+b") as file:
+        mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError):
+        pass
+    return np.ndarray(shape, dtype, buffer=mapping, offset=offset, order="F" if fortran else "C")
 
 
 @dataclass
@@ -142,9 +166,9 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     ``source``, exactly as ``model.diffuse(x, edge_index, edge_weight)[-1]`` over the whole graph.
 
     Chunks of ``chunk_nodes`` rows run on ``device`` (the model's by default) under the caller's autocast
-    (projections in its dtype, every sum in float32 or wider, as in training). The scratch arrays (two
-    state arrays, plus values, keys and degrees where the kernel needs them: about ``N x (2 x hidden +
-    2 x heads x width) x 4`` bytes of disk) come from ``scratch`` (a new :class:`Scratch` under the
+    (projections in its dtype, every sum in float32 or wider, as in training). The scratch arrays (the
+    states, updated in place, plus values, keys and degrees where the kernel needs them: about ``N x
+    (hidden + heads x width) x 4`` bytes of disk, twice the values' part for DIFFormer-a) come from ``scratch`` (a new :class:`Scratch` under the
     system's temporary folder by default), whose collectives say which rank this is: call on every rank
     with the same arguments. The graph term reads its sources' values straight from the scratch file on
     the CPU; on another device (or with ``gather=True``) the rows a chunk needs are gathered to it.
@@ -158,20 +182,12 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     dtype = accumulation_dtype(next(model.parameters()).dtype)
     chunks = chunk_ranges(num_nodes, chunk_nodes)
     mine = list(enumerate(chunks))[collectives.rank::collectives.world_size]
-    shapes = {"h0": (num_nodes, hidden), "h1": (num_nodes, hidden)}
-    per_node = (num_nodes, conv.num_heads, conv.out_channels)
-    if conv.needs_graph or conv.kernel == "sigmoid":
-        shapes["value"] = per_node
-    if conv.kernel == "sigmoid":
-        shapes["key"] = per_node
-    if conv.needs_graph:
-        shapes["inv_sqrt_degree"] = (num_nodes,)
-    arrays = scratch.get(shapes, np.dtype(str(dtype).replace("torch.", "")))
+    arrays = scratch.get(*scratch_layout(model, num_nodes))
     rows = _Rows(arrays, collectives, device, dtype)
     # The degrees depend on the graph only: computed in the first pass over it with these arrays.
     degrees = conv.needs_graph and ("inv_sqrt_degree", id(source)) not in scratch.filled
     for _, (start, stop) in mine:
-        rows.write("h0", start, model.encode(source.features(start, stop).to(device)))
+        rows.write("h", start, model.encode(source.features(start, stop).to(device)))
         if degrees:
             edge_source, target, _ = source.in_edges(start, stop)
             rows.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
@@ -181,11 +197,12 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     rows.sync()
     inv_sqrt_degree = torch.from_numpy(arrays["inv_sqrt_degree"]) if conv.needs_graph else None
     for layer, conv in enumerate(model.convs):
-        before, after = f"h{layer % 2}", f"h{(layer + 1) % 2}"
-        stats = _first_pass(conv, rows, before, mine, len(chunks))
+        stats = _first_pass(conv, rows, mine, len(chunks))
         for _, (start, stop) in mine:
-            h = rows.read(before, start, stop)
-            query, _, value = conv.project(h)
+            h = rows.read("h", start, stop)
+            query = conv.project(h, "q")[0] if conv.kernel in ("simple", "sigmoid") else None
+            # this chunk's values as the first pass wrote them, else (no graph, 'none') projected again
+            value = rows.read("value", start, stop) if "value" in rows.arrays else conv.project(h, "v")[2]
             with torch.autocast(device_type=device.type, enabled=False):
                 attention = None
                 if conv.kernel == "simple":
@@ -199,19 +216,37 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
                                                       stop - start, gather_to)
                     local = conv.local(graph, rows.gather("value", ids), value)
                 update = conv.combine(value, attention, local)
-            rows.write(after, start, model.step(layer, h, update))
+            rows.write("h", start, model.step(layer, h, update))
         rows.sync()
-    return ExactStates(arrays[f"h{len(model.convs) % 2}"])
+    return ExactStates(arrays["h"])
 
 
-def _first_pass(conv, scratch: "_Rows", before: str, mine, num_chunks: int) -> Optional[LinearAttentionStats]:
+def scratch_layout(model: DIFFormer, num_nodes: int) -> Tuple[Dict[str, Tuple[int, ...]], np.dtype]:
+    """The scratch arrays :func:`exact_states` needs for ``model`` over ``num_nodes`` nodes, and their dtype
+    (``Scratch.get(*scratch_layout(...))`` allocates them ahead of the first pass)."""
+    conv = model.convs[0]
+    # One state array, updated in place: a rank reads and writes only its own chunks' states (other ranks
+    # read its values, never its states), and a chunk is read before its new state is written.
+    shapes = {"h": (num_nodes, model.hidden_channels)}
+    per_node = (num_nodes, conv.num_heads, conv.out_channels)
+    if conv.needs_graph or conv.kernel == "sigmoid":
+        shapes["value"] = per_node
+    if conv.kernel == "sigmoid":
+        shapes["key"] = per_node
+    if conv.needs_graph:
+        shapes["inv_sqrt_degree"] = (num_nodes,)
+    dtype = accumulation_dtype(next(model.parameters()).dtype)
+    return shapes, np.dtype(str(dtype).replace("torch.", ""))
+
+
+def _first_pass(conv, scratch: "_Rows", mine, num_chunks: int) -> Optional[LinearAttentionStats]:
     """Writes every node's values (and keys) where later passes gather them; for DIFFormer-s returns the
     global statistics, summed over chunks in chunk order whatever the number of ranks."""
     if not (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
         return None
     table, template = None, None
     for index, (start, stop) in mine:
-        query, key, value = conv.project(scratch.read(before, start, stop))
+        query, key, value = conv.project(scratch.read("h", start, stop))
         if "value" in scratch.arrays:
             scratch.write("value", start, value)
         if conv.kernel == "sigmoid":

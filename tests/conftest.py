@@ -1,3 +1,4 @@
+import csv
 import os
 import shutil
 import sys
@@ -21,3 +22,14 @@ def planetoid_root(tmp_path):
     target = tmp_path / "planetoid"
     shutil.copytree(source, target)
     return target
+
+
+def logged_epochs(run_dir: Path) -> dict:
+    """``{epoch: {metric: value}}`` of a train.py run's CSV logs, over all log versions (a resumed run
+    writes a new one)."""
+    values = {}
+    for path in sorted((Path(run_dir) / "logs").glob("version_*/metrics.csv")):
+        with open(path) as file:
+            for row in csv.DictReader(file):
+                values.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v})
+    return values

@@ -1,7 +1,6 @@
 """Exact evaluation: the streamed forward against the in-memory one (every kernel and option, awkward
 graphs), its pieces against their references, any number of ranks, inside the training loop, and the
 predictions it writes."""
-import csv
 import itertools
 import os
 import subprocess
@@ -14,6 +13,7 @@ import torch
 from torch_geometric.data import Data
 from torch_geometric.utils import add_remaining_self_loops
 
+from conftest import logged_epochs
 from datamodules import GraphStore, RandomPartitionDataModule
 from datamodules.store import write_store_from_data
 from datamodules.synthetic import write_synthetic_store
@@ -191,15 +191,6 @@ def run_cli(subcommand: str, *args, run_dir: Path, ranks: int = 1):
     return done
 
 
-def logged(run_dir: Path) -> dict:
-    rows = {}
-    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
-        with open(path) as file:
-            for row in csv.DictReader(file):
-                rows.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v})
-    return rows
-
-
 def offline_logits(checkpoint: Path, store: GraphStore) -> torch.Tensor:
     """The saved weights' in-memory forward over the whole graph, in one process."""
     model = NodeClassifier.load_from_checkpoint(checkpoint).eval()
@@ -223,7 +214,7 @@ def test_a_partition_run_logs_the_exact_full_graph_metrics_and_predicts_them(tmp
     run_cli("fit", *common, "--trainer.max_epochs", "3", run_dir=run_dir, ranks=ranks)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     logits = offline_logits(checkpoint, store)
-    rows = logged(run_dir)
+    rows = logged_epochs(run_dir)
     last = rows[max(rows)]
     for split in ("train", "val", "test"):
         assert last[f"{split}/acc"] == pytest.approx(accuracy(logits, store, split), abs=1e-6), split

@@ -1,5 +1,4 @@
 """DDP, exact resume after SIGKILL, safe checkpoints, bf16: train.py run in subprocesses."""
-import csv
 import json
 import os
 import random
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import logged_epochs
 from datamodules.partition import BatchBuilder, PartitionSampler
 from datamodules.synthetic import write_synthetic_store
 from difformer_lightning import NodeClassifier
@@ -51,11 +51,7 @@ def train(*args, run_dir: Path, **popen):
 
 def last_epoch_metrics(run_dir: Path) -> dict:
     """The last epoch's logged values, over all log versions (a resumed run writes a new one)."""
-    values = {}
-    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
-        with open(path) as file:
-            for row in csv.DictReader(file):
-                values.setdefault(int(row["epoch"]), {}).update({k: float(v) for k, v in row.items() if v})
+    values = logged_epochs(run_dir)
     return values[max(values)]
 
 
