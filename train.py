@@ -17,15 +17,16 @@ import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
-from datamodules.base import ClassificationTargets
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
-from difformer_lightning.checkpoint import check_checkpoint_file
+from difformer_lightning.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from difformer_lightning.contracts import check_data_module
 
 RUNS = "runs"
 # ckpt_path values Lightning resolves itself ("last": newest last*.ckpt in the checkpoint folder,
@@ -39,7 +40,8 @@ class DIFFormerCLI(LightningCLI):
         for source, target in (("num_features", "encoder.init_args.in_channels"),
                                ("num_outputs", "encoder.init_args.out_channels"), ("task", "task")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
-        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        # Checkpoint's options, not as a callback key: instantiate_trainer adds it unless checkpointing is off.
+        parser.add_class_arguments(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
@@ -52,8 +54,10 @@ class DIFFormerCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if trainer.logger is None or trainer.logger is True:
+            # every row written as it is logged: a killed run loses none of what it reported
             trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                              "init_args": {"save_dir": trainer.default_root_dir, "name": "logs"}}
+                              "init_args": {"save_dir": trainer.default_root_dir, "name": "logs",
+                                            "flush_logs_every_n_steps": 1}}
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # PredictionWriter writes them; holding them all needs O(N) memory
         check_devices(trainer.accelerator, trainer.devices)
@@ -68,12 +72,20 @@ class DIFFormerCLI(LightningCLI):
         if ckpt_path is not None and ckpt_path not in NAMED_CHECKPOINTS:
             check_checkpoint_file(ckpt_path)
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
-        # --trainer.enable_checkpointing false turns the always-present Checkpoint off, instead of
-        # Lightning refusing the combination.
-        if config.get("enable_checkpointing") is False:
-            callbacks = [callback for callback in callbacks if not isinstance(callback, Checkpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The Trainer with the run's Checkpoint (unless ``--trainer.enable_checkpointing false``) and
+        atomic checkpoint files (unless a checkpoint IO plugin was configured)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config["trainer"]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if trainer.get("enable_checkpointing") is not False:
+            callbacks.append(config["checkpoint"])
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
         model = self.model
@@ -82,34 +94,32 @@ class DIFFormerCLI(LightningCLI):
 
 
 def check_devices(accelerator, devices) -> None:
-    """Raises a ``ValueError`` when ``--trainer.devices`` asks for more than this machine has."""
+    """Raises a ``ValueError`` when ``--trainer.devices`` asks for more GPUs than this machine has; more CPU
+    processes than cores only get a warning (they share the cores, which is slower but correct, and how
+    DDP is tested on a small machine)."""
     if isinstance(devices, str) and devices != "auto" and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     accelerator = str(accelerator)
     uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if uses_gpu:
-        available, unit = torch.cuda.device_count(), "GPUs"
-    elif accelerator in ("cpu", "auto"):
-        available, unit = os.cpu_count() or 1, "CPU cores (one process each)"
-    else:
-        return
     wanted = max(devices) + 1 if isinstance(devices, (list, tuple)) else devices
-    if isinstance(wanted, int) and wanted > available:
-        raise ValueError(f"--trainer.devices {devices} asks for {wanted} {unit.split(' ')[0]} devices but this "
-                         f"machine has {available} {unit}; use --trainer.devices {available} or fewer "
-                         f"(-1 takes all of them)")
+    if not isinstance(wanted, int):
+        return
+    if uses_gpu and wanted > torch.cuda.device_count():
+        available = torch.cuda.device_count()
+        raise ValueError(f"--trainer.devices {devices} asks for {wanted} GPU devices but this machine has "
+                         f"{available} GPUs; use --trainer.devices {available} or fewer (-1 takes all of them)")
+    if not uses_gpu and accelerator in ("cpu", "auto") and wanted > (os.cpu_count() or 1):
+        rank_zero_warn(f"--trainer.devices {devices} starts {wanted} CPU processes on {os.cpu_count()} cores: they "
+                       f"share the cores (correct, but each runs slower)")
 
 
 def check_model_for_data(model_path: str, data_path: str) -> None:
-    """Raises a ``ValueError`` when a regression data module is given a classifier or the reverse.
-
-    Decided from the classes, before any data is loaded, where the data module's kind is known
-    from its class (``ClassificationTargets`` or a class attribute ``task = "regression"``);
-    otherwise the model's own check on the linked ``task`` reports it when it is built."""
+    """Raises before any data is loaded: a ``TypeError`` naming what a data module class lacks of the data
+    contract, a ``ValueError`` when a regression data module is given a classifier or the reverse
+    (from the class's ``task_family``; the model's own check on the linked ``task`` backs it up)."""
     data_class = _import(data_path)
-    regression_data = getattr(data_class, "task", None) == "regression"
-    if not (regression_data or issubclass(data_class, ClassificationTargets)):
-        return
+    check_data_module(data_class)
+    regression_data = getattr(data_class, "task_family", "classification") == "regression"
     if issubclass(_import(model_path), NodeRegressor) != regression_data:
         kind, wanted = ("regression", "NodeRegressor") if regression_data else ("classification", "NodeClassifier")
         raise ValueError(f"{data_path} is a {kind} task but the model is {model_path}: "

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]

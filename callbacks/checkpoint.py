@@ -1,39 +1,109 @@
-"""Lightning's ModelCheckpoint with the defaults a resumable run needs, written atomically."""
+"""The checkpoints a resumable run needs: the newest state and the best validation epoch."""
+import os
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from difformer_lightning.checkpoint import AtomicCheckpointIO
+from difformer_lightning.encoder_module import EncoderModule
+from difformer_lightning.io import publish, staging_path
+
+LAST = "last.ckpt"
+BEST = "best.ckpt"
 
 
 class Checkpoint(ModelCheckpoint):
-    """Keeps one checkpoint, ``last.ckpt`` (what ``--ckpt_path last`` resumes), replaced at the end
-    of every ``every_n_epochs`` epochs and, with ``every_n_train_steps`` or ``train_time_interval``,
-    mid-epoch too (those resume exactly). It lives in ``dirpath``: ``train.py`` fixes that to
-    ``<run folder>/checkpoints`` so a resumed run finds it (Lightning would pick a new
-    ``version_N`` folder per run).
+    """Keeps two files in ``dirpath``:
 
-    Every file is written to a temporary name and renamed (:class:`AtomicCheckpointIO`, set on the
-    Trainer's strategy unless another checkpoint IO was configured). No metric is monitored:
-    Lightning postpones every save of a monitoring checkpoint until the metric exists, so a long
-    first epoch would get no mid-epoch checkpoint. ``test@best_val`` is kept in the model; for the
-    weights of the best epoch add a second checkpoint, e.g. ``--trainer.callbacks+=ModelCheckpoint
-    --trainer.callbacks.monitor val/best --trainer.callbacks.mode max``.
+    * ``last.ckpt``, always the run's newest state (what ``--ckpt_path last`` resumes): written at the end
+      of every ``every_n_epochs``-th epoch (after its validation), when training stops, and, with
+      ``every_n_train_steps`` or ``train_time_interval``, mid-epoch too. Never at an epoch's last batch: that
+      state is saved after the epoch's validation, so a run killed while validating resumes from the batch
+      before and validates, exactly as an uninterrupted run did.
+    * ``best.ckpt``, the state after the validation with the best metric so far (the module's model
+      selection, ``EncoderModule.best_step``; ``train.py test``/``predict`` evaluate it by default).
+
+    ``train.py`` fixes ``dirpath`` to ``<run folder>/checkpoints`` so a resumed run finds them (Lightning
+    would pick a new ``version_N`` folder per run). Files are written through the Trainer's checkpoint IO
+    (``train.py`` gives it :class:`difformer_lightning.checkpoint.AtomicCheckpointIO`: a temporary name, then
+    a rename). A ``ModelCheckpoint`` so that Lightning finds ``last.ckpt`` for ``ckpt_path="last"`` and
+    ``best.ckpt`` for ``ckpt_path="best"``; every save goes through the public ``Trainer.save_checkpoint``.
     """
 
     def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: Optional[int] = None,
-                 train_time_interval: Optional[timedelta] = None, every_n_epochs: Optional[int] = None,
+                 train_time_interval: Optional[timedelta] = None, every_n_epochs: int = 1,
                  save_weights_only: bool = False, verbose: bool = False) -> None:
-        # The latest checkpoint as top-1 of "no metric", named last: the save_last mechanism only
-        # writes when a top-k checkpoint was written in the same step.
-        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
-                         every_n_train_steps=every_n_train_steps, train_time_interval=train_time_interval,
-                         every_n_epochs=every_n_epochs, save_weights_only=save_weights_only, verbose=verbose)
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {value}")
+        # Lightning's own triggers stay off (its hooks are replaced below): no top-k, no save_last.
+        super().__init__(dirpath=dirpath, filename=Path(LAST).stem, monitor=None, save_top_k=0,
+                         save_weights_only=save_weights_only, verbose=verbose)
+        self.every_n_steps, self.time_interval = every_n_train_steps or 0, train_time_interval
+        self.every_n_epochs = every_n_epochs
+        self._last_saved_step, self._last_time, self._best_saved_step = -1, time.monotonic(), -1
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        super().setup(trainer, pl_module, stage)
+    def _path(self, name: str) -> Path:
+        return Path(self.dirpath) / name
+
+    def _save_last(self, trainer: "pl.Trainer") -> None:
+        trainer.save_checkpoint(self._path(LAST), self.save_weights_only)
+        self.last_model_path, self._last_saved_step, self._last_time = str(self._path(LAST)), trainer.global_step, \
+            time.monotonic()
+
+    def _due_mid_epoch(self, trainer: "pl.Trainer") -> bool:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            return True
+        if self.time_interval is not None:
+            # rank 0's clock decides for every rank: saving is a collective
+            return trainer.strategy.broadcast(time.monotonic() - self._last_time >= self.time_interval.total_seconds())
+        return False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if not last_of_epoch and trainer.global_step != self._last_saved_step and self._due_mid_epoch(trainer):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        epoch_end = trainer.is_last_batch
+        if epoch_end and (trainer.current_epoch + 1) % max(self.every_n_epochs, 1) == 0 and self.every_n_epochs:
+            self._save_last(trainer)
+        if isinstance(pl_module, EncoderModule) and int(pl_module.best_step) == trainer.global_step \
+                and self._best_saved_step != trainer.global_step:  # this validation found a new best
+            self._save_best(trainer, saved_now=self._last_saved_step == trainer.global_step)
+
+    def _save_best(self, trainer: "pl.Trainer", saved_now: bool) -> None:
+        """``best.ckpt``: a hard link to the ``last.ckpt`` just written (no second write), else its own save."""
+        best = self._path(BEST)
+        if saved_now and trainer.is_global_zero:
+            staging = staging_path(best)
+            try:
+                os.link(self._path(LAST), staging)
+                publish(staging, best)
+            except OSError:  # no hard links on this file system
+                staging.unlink(missing_ok=True)
+                saved_now = False
+        saved_now = trainer.strategy.broadcast(saved_now)
+        if not saved_now:
+            trainer.save_checkpoint(best, self.save_weights_only)
+        trainer.strategy.barrier()
+        self.best_model_path, self._best_saved_step = str(best), trainer.global_step
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # An epoch without validation (check_val_every_n_epoch, no validation data) ends here.
+        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due and trainer.global_step != self._last_saved_step:
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Training stopped (max_steps, early stopping, the last epoch): last.ckpt is the final state.
+        if trainer.global_step != self._last_saved_step:
+            self._save_last(trainer)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """Nothing is saved on an exception: the state then may be the cause (NonFiniteGuard) or half-updated."""

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difformer_lightning.contracts import check_data_module
+from difformer_lightning.encoder_module import EncoderModule
+
 
 def local_energy(state: Tensor, previous: Tensor) -> Tensor:
     r""":math:`\frac{1}{N}\lVert Z_k - Z_{k-1} \rVert_F^2`: how far one step moved the states."""
@@ -60,11 +63,11 @@ class Energy(pl.Callback):
         self._probe = None
 
     def setup(self, trainer: "pl.Trainer", module: "pl.LightningModule", stage: str) -> None:
-        datamodule = trainer.datamodule
-        if not hasattr(datamodule, "probe_batch") or not hasattr(getattr(module, "encoder", None), "diffuse"):
-            raise ValueError("callbacks.Energy needs a data module with probe_batch() (every one in datamodules) "
-                             "and a LightningModule whose encoder is a DIFFormer")
-        self._probe = datamodule.probe_batch(self.probe_nodes)
+        if trainer.datamodule is None or not isinstance(module, EncoderModule):
+            raise ValueError("callbacks.Energy needs a data module (the data contract's probe_batch() gives its "
+                             "probe) and a LightningModule around a DIFFormer (NodeClassifier, NodeRegressor)")
+        check_data_module(trainer.datamodule)
+        self._probe = trainer.datamodule.probe_batch(self.probe_nodes)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         if trainer.current_epoch % self.every_n_epochs:

@@ -18,6 +18,7 @@ class NonFiniteGuard(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._bad_loss: Optional[float] = None
+        self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer, module, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
@@ -32,7 +33,7 @@ class NonFiniteGuard(pl.Callback):
         local = self._bad_loss is not None or bool(bad_grads)
         if not trainer.strategy.reduce_boolean_decision(local, all=False):
             return
-        where = (f"epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}, "
+        where = (f"epoch {trainer.current_epoch}, batch {self._batch_idx}, "
                  f"optimizer step {trainer.global_step + 1}")
         what = []
         if self._bad_loss is not None:

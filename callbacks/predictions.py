@@ -1,6 +1,4 @@
 """Predictions a user can use: one row per node, in files, from any number of ranks."""
-import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
@@ -9,6 +7,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from difformer_lightning.io import publish, staging_path
 
 # Lightning's prediction loop warns that it cannot infer "batch indices" for a sampler that yields node
 # ranges; our batches carry their node ids (n_id), which is what this writer uses.
@@ -48,8 +48,9 @@ class PredictionWriter(BasePredictionWriter):
         if self.embeddings:
             widths["embeddings"] = module.encoder.hidden_channels
         folder = self.folder(trainer)
-        token = strategy.broadcast(uuid.uuid4().hex[:12] if trainer.is_global_zero else None)
-        self._staging = {name: folder / f".{name}.npy.tmp-{token}" for name in widths}
+        names = strategy.broadcast([str(staging_path(folder / f"{name}.npy")) for name in widths]
+                                   if trainer.is_global_zero else None)
+        self._staging = {name: Path(path) for name, path in zip(widths, names)}
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             for name, width in widths.items():
@@ -77,7 +78,7 @@ class PredictionWriter(BasePredictionWriter):
                 if missing:
                     staging.unlink(missing_ok=True)
                 else:
-                    os.replace(staging, staging.parent / f"{name}.npy")
+                    publish(staging, self.folder(trainer) / f"{name}.npy")
         strategy.barrier()
         if missing:
             raise RuntimeError(f"prediction wrote {len(self._written) - missing} of {len(self._written)} rows: the "

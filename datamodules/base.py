@@ -1,12 +1,20 @@
 """Full-batch node-level data, and the contract for plugging in a new dataset."""
 import os
+from abc import abstractmethod
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, ClassVar, Dict, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
+
+from difformer_lightning.contracts import SPLITS
+
+from .validation import check_finite_features, check_labels, check_split_sizes
+
+if TYPE_CHECKING:
+    from difformer_lightning.contracts import ExactEvaluationPlan
 
 DATA_ENV = "DIFFORMER_DATA"
 
@@ -18,6 +26,48 @@ def data_root(root: Optional[str]) -> Path:
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable."""
+
+
+class GraphDataModule(pl.LightningDataModule):
+    """The base of every data module of this project: the data contract
+    (:class:`difformer_lightning.contracts.DataContract`) with its defaults.
+
+    Subclasses define ``num_features``, ``num_outputs``, ``task``, ``num_nodes``, ``max_batch_nodes``,
+    ``describe()`` and ``probe_batch()``; ``evaluation_plan()`` defaults to evaluation on the batches, and
+    ``state_dict()`` saves ``describe()`` (what a checkpoint is checked against). ``task_family``
+    (``'classification'`` or ``'regression'``, a class attribute) lets ``train.py`` pick the model before
+    any data is loaded. A DDP rank may get no evaluation batch: it still joins every collective.
+    """
+
+    task_family: ClassVar[str] = "classification"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Lightning's own switch (a public attribute of every data module): otherwise a rank whose share of
+        # the evaluation batches is empty stops the run.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    num_features: int
+    num_outputs: int
+    task: str
+    num_nodes: int
+    max_batch_nodes: int
+
+    @abstractmethod
+    def describe(self) -> Dict[str, object]:
+        """See :meth:`difformer_lightning.contracts.DataContract.describe`."""
+
+    @abstractmethod
+    def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
+        """See :meth:`difformer_lightning.contracts.DataContract.probe_batch`."""
+
+    def evaluation_plan(self, encoder) -> Optional["ExactEvaluationPlan"]:
+        """Evaluation on the data module's own batches (no exact pass), unless a subclass says otherwise."""
+        return None
+
+    def state_dict(self) -> Dict[str, object]:
+        # "data" is what the LightningModules compare when they load a checkpoint (checkpoint.check_compatible)
+        return {"data": self.describe()}
 
 
 class ClassificationTargets:
@@ -33,7 +83,7 @@ class ClassificationTargets:
         return "multilabel" if self.multilabel else "multiclass"
 
 
-class NodeDataModule(ClassificationTargets, pl.LightningDataModule):
+class NodeDataModule(ClassificationTargets, GraphDataModule):
     """One graph, trained full-batch: every step sees all nodes, the loss uses ``train_mask``.
 
     Plugging a dataset: pass a PyG :class:`~torch_geometric.data.Data` as ``data``, or
@@ -103,10 +153,6 @@ class NodeDataModule(ClassificationTargets, pl.LightningDataModule):
         return {"dataset": type(self).__name__, "num_nodes": data.num_nodes, "num_edges": data.num_edges,
                 "num_features": data.num_features, "num_classes": self.num_classes}
 
-    def state_dict(self) -> Dict[str, object]:
-        # "data" is what NodeClassifier compares when it loads a checkpoint (checkpoint.check_compatible)
-        return {"data": self.describe()}
-
     def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
         """The whole graph, or the subgraph induced by ``num_nodes`` fixed random nodes if smaller."""
         data = self.data
@@ -144,53 +190,35 @@ def infer_num_classes(data: Data, multilabel: bool) -> int:
 
 
 def validate_node_data(data: Data, num_classes: Optional[int] = None, multilabel: bool = False) -> None:
-    """Raises a ``ValueError`` naming the first problem with ``data``; see :class:`NodeDataModule`."""
+    """Raises a ``ValueError`` naming the first problem with ``data``; see :class:`NodeDataModule`. The
+    feature, split and label rules are those of graph stores too (:mod:`datamodules.validation`)."""
     x = data.get("x")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"data.x must be a float tensor [num_nodes, num_features], got "
                          f"{type(x).__name__ if not isinstance(x, torch.Tensor) else f'{x.dtype} {tuple(x.shape)}'}")
     num_nodes = x.size(0)
-    bad_rows = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()
-    if bad_rows.numel():
-        raise ValueError(f"data.x has NaN or inf in {bad_rows.numel()} of {num_nodes} rows (first: node "
-                         f"{int(bad_rows[0])}); impute or drop those features before training")
+    check_finite_features(x, 0, "data.x")
     y = data.get("y")
     if not isinstance(y, torch.Tensor) or y.size(0) != num_nodes:
         raise ValueError(f"data.y must have one entry per node: x has {num_nodes} rows, y has "
                          f"{None if y is None else y.size(0)}")
+    if multilabel and (y.dim() != 2 or (num_classes is not None and y.size(1) != num_classes)):
+        raise ValueError(f"multilabel data.y must be [num_nodes, {num_classes or 'num_tasks'}], got {tuple(y.shape)}")
+    if not multilabel and (y.dim() != 1 or y.is_floating_point()):
+        raise ValueError(f"data.y must be integer class ids of shape [num_nodes], got {y.dtype} {tuple(y.shape)} "
+                         f"(for several binary tasks per node use multilabel=True)")
     masks = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         mask = data.get(f"{split}_mask")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (num_nodes,):
             raise ValueError(f"data.{split}_mask must be a bool tensor of shape [{num_nodes}], got "
                              f"{None if mask is None else f'{mask.dtype} {tuple(mask.shape)}'}")
-        if not mask.any():
-            raise ValueError(f"data.{split}_mask selects no node; every split needs at least one")
         masks[split] = mask
-    _validate_labels(y, masks["train"] | masks["val"] | masks["test"], num_classes, multilabel)
+    check_split_sizes({split: int(mask.sum()) for split, mask in masks.items()}, "data")
+    for split, mask in masks.items():
+        nodes = mask.nonzero().flatten()
+        check_labels(y[nodes], nodes, split, num_classes, multilabel, "data.y")
     _validate_edges(data, num_nodes)
-
-
-def _validate_labels(y: torch.Tensor, labelled: torch.Tensor, num_classes: Optional[int], multilabel: bool) -> None:
-    if multilabel:
-        if y.dim() != 2 or (num_classes is not None and y.size(1) != num_classes):
-            raise ValueError(f"multilabel data.y must be [num_nodes, {num_classes or 'num_tasks'}], "
-                             f"got {tuple(y.shape)}")
-        values = y[labelled]
-        if not ((values == 0) | (values == 1)).all():
-            raise ValueError("multilabel data.y must hold only 0 and 1 for nodes in a split")
-        return
-    if y.dim() != 1 or y.is_floating_point():
-        raise ValueError(f"data.y must be integer class ids of shape [num_nodes], got {y.dtype} {tuple(y.shape)} "
-                         f"(for several binary tasks per node use multilabel=True)")
-    values = y[labelled]
-    out_of_range = values < 0
-    if num_classes is not None:
-        out_of_range |= values >= num_classes
-    if out_of_range.any():
-        bad = labelled.nonzero().flatten()[out_of_range]
-        raise ValueError(f"{bad.numel()} labelled nodes have a class id outside [0, {num_classes or 'num_classes'}) "
-                         f"(first: node {int(bad[0])} has label {int(y[bad[0]])}); give unlabelled nodes no split")
 
 
 def _validate_edges(data: Data, num_nodes: int) -> None:

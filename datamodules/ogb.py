@@ -16,7 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .base import DatasetNotFoundError
-from .store import SPLITS, StoreWriter, write_csr, write_nodes
+from difformer_lightning.contracts import SPLITS
+
+from .csr import write_csr
+from .store import StoreWriter, write_nodes
 
 # ogb's names for the validation split file
 _SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}

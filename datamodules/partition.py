@@ -5,98 +5,20 @@ batch carries its nodes' features, labels, split masks and the subgraph they ind
 built from the store's CSR by gathering only its own nodes' neighbour lists, so one epoch costs
 O(E) in total, where the reference scheme scans the whole edge list for every batch.
 """
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Literal, Optional, Tuple
 
-import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-import torch_geometric.typing
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch_geometric.data import Data
 
 from difformer_lightning.contracts import ExactEvaluationPlan, NodeRows
 
-from .base import ClassificationTargets
-from .store import SPLIT_CODES, GraphStore, StoreError
-
-
-# pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off.
-USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
-
-
-def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor,
-                     member: Optional["NodeBitmap"] = None) -> Tuple[Tensor, Tensor]:
-    """Edges among ``nodes`` as positions in ``nodes``: ``[2, E_b]``, messages row 0 -> row 1, and the
-    position of each in ``col`` ``[E_b]`` (to pick its weight).
-
-    ``nodes`` must be sorted and unique. Reads only the CSR rows of ``nodes``: cost
-    O(sum of their in-degrees) for the gather and the membership test (a bitmap of N bits),
-    plus a log(batch) search for the few neighbours that fall inside the batch. Nothing of
-    size N is allocated per call (pass ``member``, an N-bit bitmap reused across calls, as
-    :class:`BatchBuilder` does), so it works on a memory-mapped CSR of any size.
-
-    pyg-lib's ``sampler.subgraph`` does the same in C++ and is used when installed, but it
-    requires ``rowptr`` and ``col`` of one dtype: stores keep ``col`` in int32 to halve their
-    largest array, so on those the pure-torch path below runs (edge order may differ between
-    the two paths; the edge sets are equal).
-    """
-    if USE_PYG_LIB and rowptr.dtype == col.dtype:
-        import pyg_lib
-
-        sub_rowptr, sub_col, edge_id = pyg_lib.sampler.subgraph(rowptr, col, nodes.to(rowptr.dtype), True)
-        target = torch.repeat_interleave(torch.arange(nodes.numel()), sub_rowptr[1:] - sub_rowptr[:-1])
-        return torch.stack([sub_col.long(), target]), edge_id.long()
-    member = member if member is not None else NodeBitmap(rowptr.numel() - 1)
-    starts = rowptr[nodes]
-    counts = rowptr[nodes + 1] - starts
-    ends = torch.cumsum(counts, 0)
-    total = int(ends[-1]) if ends.numel() else 0
-    # position in col of every neighbour entry: its row's start plus its rank within the row
-    positions = torch.arange(total) + (starts - (ends - counts)).repeat_interleave(counts, output_size=total)
-    source = col[positions]
-    with member.marked(nodes):
-        inside = member.contains(source).nonzero().flatten()
-    target = torch.searchsorted(ends, inside, right=True)
-    return torch.stack([torch.searchsorted(nodes, source[inside].long()), target]), positions[inside]
-
-
-class NodeBitmap:
-    """One bit per node, for O(1) batch-membership tests with N/8 bytes of memory
-    (14 MB for ogbn-papers100M), allocated once per process and cleared after each use."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.bits = torch.zeros((num_nodes >> 3) + 1, dtype=torch.uint8)
-
-    @contextmanager
-    def marked(self, nodes: Tensor):
-        nodes = nodes.long()
-        # nodes are unique, so bits landing in the same byte are distinct and adding them is OR
-        self.bits.index_add_(0, nodes >> 3, torch.ones(1, dtype=torch.uint8).expand(nodes.numel())
-                             .bitwise_left_shift((nodes & 7).to(torch.uint8)))
-        try:
-            yield self
-        finally:
-            self.bits[nodes >> 3] = 0
-
-    def contains(self, ids: Tensor) -> Tensor:
-        ids = ids.long()
-        return (self.bits[ids >> 3].bitwise_right_shift((ids & 7).to(torch.uint8)) & 1).bool()
-
-
-def sample_neighbors(rowptr: Tensor, col: Tensor, nodes: Tensor, fanout: int, generator: torch.Generator) -> Tensor:
-    """``fanout`` in-neighbours of every node in ``nodes``, drawn uniformly with replacement
-    (nodes without neighbours contribute none); O(len(nodes) x fanout) from the CSR."""
-    starts = rowptr[nodes]
-    degree = rowptr[nodes + 1] - starts
-    has_neighbors = degree > 0
-    starts, degree = starts[has_neighbors].repeat_interleave(fanout), degree[has_neighbors].repeat_interleave(fanout)
-    offsets = (torch.rand(degree.numel(), generator=generator, dtype=torch.float64) * degree).long()
-    return col[starts + offsets].long()
+from .base import ClassificationTargets, GraphDataModule
+from .csr import NodeBitmap, induced_subgraph, sample_neighbors
+from .store import SPLIT_CODES, GraphStore
 
 
 class BatchBuilder(Dataset):
@@ -162,7 +84,7 @@ class BatchBuilder(Dataset):
                 "_member": None}
 
 
-class PartitionSampler(DistributedSampler):
+class PartitionSampler(Sampler):
     """Yields one request ``(node ids, batch seed)`` per batch: a partition of all nodes (or of
     ``nodes``), new every epoch; the batch seed drives any sampling inside the batch.
 
@@ -172,31 +94,27 @@ class PartitionSampler(DistributedSampler):
     takes batches ``r, r + world, ...``: every rank gets exactly ``k`` batches and every node
     is used once per epoch, so no rank waits at a last batch the others do not have. For
     evaluation (``shuffle=False``) the consecutive ids are cut into ``ceil(N / batch_size)``
-    batches whatever the number of ranks (ranks may differ by one batch, harmless without
-    gradients), so metrics summed over ranks equal a single-process evaluation.
-    :meth:`resume` starts the next pass over an epoch part-way, for an exact mid-epoch resume.
-    It subclasses ``DistributedSampler`` so Lightning leaves it in place and calls
-    :meth:`set_epoch`.
+    batches whatever the number of ranks (ranks may differ by one batch, or have none), so metrics
+    summed over ranks equal a single-process evaluation. ``start`` (reset after each pass) skips this
+    rank's first batches of the epoch: :class:`PartitionLoader` sets it to resume part-way.
     """
 
     def __init__(self, num_nodes: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_replicas: Optional[int] = None, rank: Optional[int] = None, nodes: Optional[Tensor] = None) -> None:
+                 num_replicas: int = 1, rank: int = 0, nodes: Optional[Tensor] = None) -> None:
+        super().__init__()
         self.nodes = nodes
         num_nodes = nodes.numel() if nodes is not None else num_nodes
         if batch_size <= 0 or batch_size > num_nodes:
             raise ValueError(f"batch_size must be in [1, {num_nodes}] (the number of nodes), got {batch_size}")
-        distributed = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        self.num_replicas, self.rank = num_replicas, rank
         self.num_nodes, self.batch_size, self.seed, self.shuffle = num_nodes, batch_size, seed, shuffle
-        self.epoch, self.drop_last = 0, False
-        self._skip: Optional[Tuple[int, int]] = None
+        self.epoch, self.start = 0, 0
         self.total_batches = -(-num_nodes // batch_size)  # ceil
         if shuffle:
             self.total_batches = -(-self.total_batches // self.num_replicas) * self.num_replicas
             if self.total_batches > num_nodes:
                 raise ValueError(f"{num_nodes} nodes cannot fill {self.total_batches // self.num_replicas} batches "
-                                 f"on each of {self.num_replicas} ranks")
+                                 f"on each of {self.num_replicas} ranks: use fewer devices or a larger graph")
 
     def _epoch_seed(self) -> int:
         return self.seed * 1_000_003 + self.epoch
@@ -210,10 +128,8 @@ class PartitionSampler(DistributedSampler):
         return range(self.rank, self.total_batches, self.num_replicas)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, int]]:
-        indices = self._indices()
-        if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1]:]
-        self._skip = None
+        indices = self._indices()[self.start:]
+        self.start = 0
         batches = torch.tensor_split(self.permutation(), self.total_batches)
         for index in indices:
             yield batches[index], self._epoch_seed() * 65_537 + index
@@ -222,19 +138,70 @@ class PartitionSampler(DistributedSampler):
         return len(self._indices())
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose permutation the next pass draws (Lightning calls it at every epoch start)."""
         self.epoch = epoch
 
-    def resume(self, epoch: int, position: int) -> None:
-        """Moves to ``epoch``; its next pass skips this rank's first ``position`` batches.
 
-        The epoch is set here, not left to Lightning's ``set_epoch``: Lightning creates the
-        first iterator of a resumed fit (and its DataLoader workers start drawing requests)
-        before it sets the epoch.
-        """
-        self.epoch, self._skip = epoch, (epoch, position)
+class PartitionLoader:
+    """The batches of a :class:`PartitionSampler`, built by a ``DataLoader`` (workers, pinned memory), with
+    the loader owning its position, as torchtitan's stateful loaders do.
+
+    It counts the batches it has handed to the training loop in the current epoch; :meth:`state_dict`
+    (``epoch``, ``position``, ``world_size``), saved by Lightning in every checkpoint because this object
+    has ``state_dict`` / ``load_state_dict``, says where the next batch comes from, and after
+    :meth:`load_state_dict` the next pass over that epoch skips the batches already trained on. A mid-epoch
+    position is refused under another number of ranks (the epoch's batches differ). DataLoader workers draw
+    requests ahead of the training loop, so the position is counted here, not in the sampler.
+
+    Not a ``DataLoader`` itself: Lightning then leaves it as it is (it replaces the samplers of
+    ``DataLoader`` objects only), and calls ``sampler.set_epoch`` every epoch.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: PartitionSampler, num_workers: int = 0, pin_memory: bool = False,
+                 seed: int = 0) -> None:
+        self.sampler = sampler
+        # An own generator: the DataLoader draws its worker base seed from it, not from the global RNG,
+        # whose state (dropout) a mid-epoch checkpoint restores.
+        self.loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
+        self._epoch, self._position = 0, 0
+        self._resume: Optional[Tuple[int, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Data]:
+        # A generator: nothing runs until the loop asks for the first batch, after Lightning's set_epoch.
+        epoch, start = self.sampler.epoch, 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                start = self._resume[1]
+            self._resume = None
+        self.sampler.start = start
+        self._epoch, self._position = epoch, start
+        for batch in self.loader:
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> Dict[str, int]:
+        epoch, position = self._epoch, self._position
+        if position >= len(self):  # the epoch is done: the next batch is the next epoch's first
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "world_size": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state["position"] > 0 and state["world_size"] != self.sampler.num_replicas:
+            raise ValueError(f"the checkpoint was written mid-epoch by {state['world_size']} ranks and this run has "
+                             f"{self.sampler.num_replicas}: the epoch's batches differ between the two, so it cannot "
+                             f"continue exactly. Resume with {state['world_size']} devices, or from an end-of-epoch "
+                             f"checkpoint.")
+        self._resume = (int(state["epoch"]), int(state["position"]))
+        self._epoch, self._position = self._resume
+        self.sampler.set_epoch(int(state["epoch"]))
 
 
-class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
+class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
     """Mini-batch training over a graph store (see :mod:`datamodules.store`).
 
     ``fanout=0`` (default) is the reference's random node partition: every epoch a fresh
@@ -275,8 +242,6 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
         self.evaluation, self.exact_budget_flops = evaluation, exact_budget_flops
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self._store: Optional[GraphStore] = None
-        self._train_sampler: Optional[PartitionSampler] = None
-        self._resume_at: Optional[Tuple[int, int]] = None
         self._plan: Optional[ExactEvaluationPlan] = None
 
     def evaluation_plan(self, encoder) -> Optional[ExactEvaluationPlan]:
@@ -314,9 +279,6 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
             for name, size in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch_size)):
                 if size <= 0 or size > self._store.num_nodes:
                     raise ValueError(f"{name} must be in [1, {self._store.num_nodes}] (the number of nodes), got {size}")
-            for split in ("train", "val"):
-                if getattr(self._store, f"{split}_idx").numel() == 0:
-                    raise StoreError(f"{self.path}: the {split} split names no node")
         return self._store
 
     @property
@@ -349,65 +311,35 @@ class RandomPartitionDataModule(ClassificationTargets, pl.LightningDataModule):
                 "num_features": store.num_features, "num_classes": store.num_classes,
                 "batch_size": self.batch_size, "seed": self.seed, "fanout": self.fanout}
 
-    def state_dict(self) -> Dict[str, object]:
-        """The position in the training partition: the epoch and how many of this epoch's batches
-        the training loop has finished (taken from the loop: DataLoader workers draw ahead)."""
-        sampler, epoch, position = self._train_sampler, 0, 0
-        if sampler is not None:
-            epoch = sampler.epoch
-            if self.trainer is not None:
-                position = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if position >= len(sampler):
-                epoch, position = epoch + 1, 0
-        world_size = sampler.num_replicas if sampler is not None else 1
-        return {"epoch": epoch, "position": position, "world_size": world_size, "data": self.describe()}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        # The data itself was compared by NodeClassifier.on_load_checkpoint (checkpoint.check_compatible).
-        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if fitting and state["position"] > 0 and state["world_size"] != world_size:
-            raise ValueError(f"the checkpoint was written mid-epoch by {state['world_size']} ranks and this run has "
-                             f"{world_size}: the epoch's batches differ between the two, so it cannot continue "
-                             f"exactly. Resume with {state['world_size']} devices, or from an end-of-epoch checkpoint.")
-        self._resume_at = (int(state["epoch"]), int(state["position"]))
-
     def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
         """A fixed batch of ``num_nodes`` random nodes with their induced subgraph."""
         num_nodes = min(num_nodes, self.store.num_nodes)
         nodes = torch.randperm(self.store.num_nodes, generator=torch.Generator().manual_seed(seed))[:num_nodes]
         return BatchBuilder(self.path)[(nodes, seed)]
 
-    def _loader(self, batch_size: int, shuffle: bool, seeds: Optional[Tensor] = None) -> DataLoader:
-        sampler = PartitionSampler(self.store.num_nodes, batch_size, self.seed, shuffle, nodes=seeds)
-        if shuffle:
-            self._train_sampler = sampler
-            if self._resume_at is not None:
-                sampler.resume(*self._resume_at)
-                self._resume_at = None
+    def _loader(self, batch_size: int, shuffle: bool, seeds: Optional[Tensor] = None) -> PartitionLoader:
+        # This process's rank and the world size come from the Trainer (one process without one).
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = PartitionSampler(self.store.num_nodes, batch_size, self.seed, shuffle, world, rank, nodes=seeds)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        # An own generator: the DataLoader draws its worker base seed from it, not from the global
-        # RNG, whose state (dropout) a mid-epoch checkpoint restores.
         rows_only = not shuffle and self._plan is not None
         # Exact-evaluation batches are a few index lookups each: built in this process. Forking workers
         # then would also make every page of this process's heap copy-on-write while the exact pass
         # rewrites it (measured: 1M nodes, 8 s of page faults added to a 5 s pass).
         workers = 0 if rows_only else self.num_workers
-        return DataLoader(BatchBuilder(self.path, self.fanout, rows_only), sampler=sampler, batch_size=None,
-                          num_workers=workers, pin_memory=on_gpu, persistent_workers=workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return PartitionLoader(BatchBuilder(self.path, self.fanout, rows_only), sampler, workers, on_gpu, self.seed)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> PartitionLoader:
         if self.fanout == 0:
             return self._loader(self.batch_size, shuffle=True)
         seeds = self.store.train_idx
         return self._loader(min(self.batch_size, seeds.numel()), shuffle=True, seeds=seeds)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> PartitionLoader:
         return self._loader(self.eval_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> PartitionLoader:
         return self._loader(self.eval_batch_size, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> PartitionLoader:
         return self._loader(self.eval_batch_size, shuffle=False)

@@ -6,6 +6,8 @@ from torch_geometric.datasets import Planetoid
 from torch_geometric.transforms import NormalizeFeatures
 from torch_geometric.utils import remove_self_loops, to_undirected
 
+from difformer_lightning.contracts import SPLITS
+
 from .base import DatasetNotFoundError, NodeDataModule
 from .splits import class_balanced_split
 
@@ -54,7 +56,7 @@ class PlanetoidDataModule(NodeDataModule):
     def load(self) -> Data:
         data = self._dataset()[0]
         edge_index, _ = remove_self_loops(to_undirected(data.edge_index, num_nodes=data.num_nodes))
-        masks = {f"{s}_mask": data[f"{s}_mask"] for s in ("train", "val", "test")}
+        masks = {f"{s}_mask": data[f"{s}_mask"] for s in SPLITS}
         if self.split == "reference":
             masks = class_balanced_split(data.y, self.train_per_class, self.num_val, self.num_test, self.split_seed)
         return Data(x=data.x, y=data.y, edge_index=edge_index, **masks)

@@ -28,10 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difformer_lightning.contracts import SPLITS
+
+from .csr import write_csr
+from .validation import check_finite_features, check_labels, check_split_sizes
+
 FORMAT = "difformer-graph-store"
 VERSION = 1
-SPLITS = ("train", "val", "test")
-SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+# The per-node split code of the ``split`` array: 0 for no split, then 1, 2, 3 in the order of SPLITS.
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS, start=1)}
 _CHECK_CHUNK = 1 << 24  # elements per chunk when validating, to bound memory
 
 
@@ -166,6 +171,32 @@ def validate_store(store: GraphStore) -> None:
     if store.x.shape != (n, store.num_features) or store.y.size(0) != n or store.split.numel() != n:
         raise StoreError(f"{store.path}: x {tuple(store.x.shape)}, y {tuple(store.y.shape)} and split "
                          f"{tuple(store.split.shape)} do not all have {n} rows")
+    _validate_nodes(store)
+
+
+def _validate_nodes(store: GraphStore) -> None:
+    """The rules every dataset passes (:mod:`datamodules.validation`): non-empty splits whose per-node codes
+    agree with the index arrays, labels of split nodes in range, finite features (read in chunks, unless
+    the writer checked them: ``meta.json``'s ``checked``)."""
+    sizes = {split: getattr(store, f"{split}_idx").numel() for split in SPLITS}
+    check_split_sizes(sizes, str(store.path), StoreError)
+    counts = torch.zeros(len(SPLITS) + 1, dtype=torch.long)
+    for start in range(0, store.num_nodes, _CHECK_CHUNK):
+        counts += torch.bincount(store.split[start:start + _CHECK_CHUNK].long(), minlength=len(SPLITS) + 1)[:4]
+    for split, code in SPLIT_CODES.items():
+        index = getattr(store, f"{split}_idx")
+        codes = store.split[index]
+        if counts[code] != index.numel() or bool((codes != code).any()):
+            raise StoreError(f"{store.path}: split.npy marks {int(counts[code])} nodes as {split} but {split}_idx.npy "
+                             f"lists {index.numel()} (or other ones): the two disagree; rebuild the store")
+        for start in range(0, index.numel(), _CHECK_CHUNK):
+            nodes = index[start:start + _CHECK_CHUNK]
+            check_labels(store.y[nodes], nodes, split, None if store.multilabel else store.num_classes,
+                         store.multilabel, str(store.path / "y.npy"), StoreError)
+    if "finite_features" not in store.meta.get("checked", ()):
+        rows = max(1, _CHECK_CHUNK // max(store.num_features, 1))
+        for start in range(0, store.num_nodes, rows):
+            check_finite_features(store.x[start:start + rows], start, str(store.path / "x.npy"), StoreError)
 
 
 class StoreWriter:
@@ -184,6 +215,7 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.arrays: Dict[str, np.ndarray] = {}
+        self.checked: set = set()  # what the writers verified while writing (meta.json's "checked")
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -217,7 +249,7 @@ class StoreWriter:
         x, col = self.arrays["x"], self.arrays["col"]
         meta = {"format": FORMAT, "version": VERSION, "num_nodes": int(x.shape[0]), "num_edges": int(col.shape[0]),
                 "num_features": int(x.shape[1]), "num_classes": int(num_classes), "multilabel": bool(multilabel),
-                "arrays": specs, **extra}
+                "checked": sorted(self.checked), "arrays": specs, **extra}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         self.arrays.clear()
         if self.path.exists():
@@ -230,47 +262,6 @@ class StoreWriter:
         return self.path
 
 
-def column_dtype(num_nodes: int) -> np.dtype:
-    """int32 column ids while they fit (half the size of the largest array), else int64."""
-    return np.dtype(np.int32) if num_nodes < 2**31 else np.dtype(np.int64)
-
-
-def write_csr(writer: StoreWriter, num_nodes: int, edge_chunks) -> None:
-    """Builds ``rowptr``/``col`` (incoming edges per node) from ``edge_chunks``, a callable that
-    returns a fresh iterable of ``(source, target)`` int64 numpy chunks each time it is called, or of
-    ``(source, target, weight)`` for a weighted graph (then ``edge_weight`` is stored beside ``col``).
-
-    Two passes with bounded memory: the first counts in-degrees, the second places every
-    source at its target's next free slot (edges into one node keep their given order; duplicates and
-    self loops are kept). Memory is O(N) for the write cursors plus one chunk, never O(E).
-    """
-    degree = np.zeros(num_nodes, dtype=np.int64)
-    weighted = False
-    for chunk in edge_chunks():
-        degree += np.bincount(chunk[1], minlength=num_nodes)
-        weighted = weighted or len(chunk) == 3
-    rowptr = writer.create("rowptr", (num_nodes + 1,), np.int64)
-    rowptr[0] = 0
-    np.cumsum(degree, out=rowptr[1:])
-    col = writer.create("col", (int(rowptr[-1]),), column_dtype(num_nodes))
-    weights = writer.create("edge_weight", (int(rowptr[-1]),), np.float32) if weighted else None
-    cursor = np.array(rowptr[:-1])
-    del degree
-    for chunk in edge_chunks():
-        source, target = chunk[0], chunk[1]
-        order = np.argsort(target, kind="stable")
-        target, source = target[order], source[order]
-        # rank of each edge among the chunk's edges with the same target
-        starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
-        counts = np.diff(np.r_[starts, target.size])
-        rank = np.arange(target.size) - np.repeat(starts, counts)
-        slots = cursor[target] + rank
-        col[slots] = source
-        if weights is not None:
-            weights[slots] = chunk[2][order]
-        cursor[target[starts]] += counts
-
-
 def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: int, num_features: int,
                 feature_dtype, y: np.ndarray, splits: Dict[str, np.ndarray]) -> None:
     """Writes features (streamed), labels and splits (index arrays plus the per-node code)."""
@@ -278,9 +269,13 @@ def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: 
     start = 0
     for chunk in x_chunks:
         x[start:start + len(chunk)] = chunk
+        # as stored: a value too large for float16 becomes inf here
+        check_finite_features(torch.from_numpy(np.asarray(x[start:start + len(chunk)])), start,
+                              f"{writer.path} (features)", StoreError)
         start += len(chunk)
     if start != num_nodes:
         raise StoreError(f"feature chunks gave {start} rows for {num_nodes} nodes")
+    writer.checked.add("finite_features")
     writer.put("y", y)
     code = writer.create("split", (num_nodes,), np.uint8)
     code[:] = 0

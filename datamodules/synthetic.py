@@ -1,32 +1,74 @@
 """A contextual stochastic block model generated in process: the default dataset, no download."""
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
-from torch_geometric.utils import remove_self_loops, to_undirected
 
 from .base import NodeDataModule
 from .splits import class_balanced_split
-from .store import StoreWriter, write_csr, write_nodes
+from .csr import write_csr
+from .store import StoreWriter, write_nodes
 
 
 def contextual_sbm(num_nodes: int, num_classes: int, num_features: int, avg_degree: float, homophily: float,
-                   feature_signal: float, seed: int) -> Data:
-    """Nodes with uniform random classes, features ``signal * mean[class] + N(0, I)`` with
-    class means drawn from ``N(0, I)``, and ``num_nodes * avg_degree / 2`` undirected edges
-    whose second end is drawn from the first end's class with probability ``homophily``
-    and uniformly from all nodes otherwise. Deterministic in ``seed``.
+                   feature_signal: float, seed: int, degree_exponent: Optional[float] = None,
+                   chunk: int = 1 << 22) -> Data:
+    """The contextual SBM of :class:`ContextualSBM` in memory: ``Data(x, y, edge_index)``, the same graph
+    (features, labels, every edge in the same order) as :func:`write_synthetic_store` writes for the same
+    arguments."""
+    model = ContextualSBM(num_nodes, num_classes, num_features, avg_degree, homophily, feature_signal,
+                          degree_exponent, seed, chunk)
+    source, target = (torch.from_numpy(np.concatenate(part)) for part in zip(*model.edge_chunks()))
+    return Data(x=torch.cat(list(model.feature_chunks())), y=model.y, edge_index=torch.stack([source, target]))
+
+
+class ContextualSBM:
+    """A contextual stochastic block model, drawn in chunks: one definition for the in-memory graph
+    (:func:`contextual_sbm`) and the graph store (:func:`write_synthetic_store`).
+
+    Nodes get uniform random classes, features ``signal * mean[class] + N(0, I)`` with class means drawn
+    from ``N(0, I)``, and ``num_nodes * avg_degree / 2`` undirected pairs whose second end is drawn from the
+    first end's class with probability ``homophily`` and uniformly from all nodes otherwise (with
+    ``degree_exponent``, e.g. 2.5, ends are drawn in proportion to Pareto propensities: a power-law degree
+    tail). Every pair is kept in both directions; self loops are dropped and repeated pairs (about
+    ``avg_degree / N`` per pair) kept as drawn. Deterministic in ``seed`` (and ``chunk``): edges come from
+    one generator per chunk of pairs, so the store's two passes over them regenerate instead of holding
+    them; labels, means and features (in chunks, in order) from one generator, which the store then also
+    draws its split from.
     """
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.randint(num_classes, (num_nodes,), generator=generator)
-    means = torch.randn(num_classes, num_features, generator=generator)
-    x = feature_signal * means[y] + torch.randn(num_nodes, num_features, generator=generator)
-    pairs = ClassSampler(y, num_classes).pairs(int(num_nodes * avg_degree / 2), homophily, generator)
-    edge_index, _ = remove_self_loops(torch.stack(pairs))
-    return Data(x=x, y=y, edge_index=to_undirected(edge_index, num_nodes=num_nodes))
+
+    def __init__(self, num_nodes: int, num_classes: int, num_features: int, avg_degree: float, homophily: float,
+                 feature_signal: float, degree_exponent: Optional[float] = None, seed: int = 0,
+                 chunk: int = 1 << 22) -> None:
+        self.num_nodes, self.num_classes, self.num_features = num_nodes, num_classes, num_features
+        self.homophily, self.feature_signal, self.seed, self.chunk = homophily, feature_signal, seed, chunk
+        self.generator = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(num_classes, (num_nodes,), generator=self.generator)
+        self.means = torch.randn(num_classes, num_features, generator=self.generator)
+        weight = pareto_weights(num_nodes, degree_exponent, self.generator) if degree_exponent is not None else None
+        self.sampler = ClassSampler(self.y, num_classes, weight)
+        self.num_pairs = int(num_nodes * avg_degree / 2)
+
+    def edge_chunks(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """``(source, target)`` int64 chunks, every pair in both directions; the same on every call."""
+        for index, start in enumerate(range(0, self.num_pairs, self.chunk)):
+            chunk_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (index + 1))
+            source, target = self.sampler.pairs(min(self.chunk, self.num_pairs - start), self.homophily,
+                                                chunk_generator)
+            keep = source != target
+            source, target = source[keep].numpy(), target[keep].numpy()
+            yield np.concatenate([source, target]), np.concatenate([target, source])
+
+    def feature_chunks(self) -> Iterator[Tensor]:
+        """Feature rows in order, from the shared generator: call once, before drawing anything else."""
+        rows = max(1, self.chunk // self.num_features)
+        for start in range(0, self.num_nodes, rows):
+            labels = self.y[start:start + rows]
+            noise = torch.randn(labels.numel(), self.num_features, generator=self.generator)
+            yield self.feature_signal * self.means[labels] + noise
 
 
 class ClassSampler:
@@ -82,48 +124,29 @@ def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: i
                           degree_exponent: Optional[float] = None, split: Tuple[float, float, float] = (0.5, 0.25, 0.25),
                           seed: int = 0,
                           feature_dtype=np.float16, chunk: int = 1 << 22, overwrite: bool = False) -> Path:
-    """The contextual SBM of :func:`contextual_sbm`, written straight into a graph store.
+    """The contextual SBM of :class:`ContextualSBM`, written straight into a graph store, with a random
+    ``split`` of the nodes (train, val, test fractions).
 
-    Nothing of size E is ever in memory: edges are drawn in chunks from generators seeded
-    per chunk, so the CSR writer's two passes regenerate the same chunks instead of holding
-    them. Peak memory is O(N) (labels, write cursors) plus one chunk. Every undirected pair
-    is stored in both directions; self loops are dropped, and repeated pairs (rare: about
-    avg_degree / N per pair) are kept as they are drawn. ``degree_exponent`` (e.g. 2.5) draws
-    edge ends in proportion to Pareto propensities for a power-law degree tail; ``None`` keeps
-    degrees Poisson-like. A random ``split`` of the nodes (train, val, test fractions) is stored.
+    Nothing of size E is ever in memory: the CSR writer's two passes regenerate the same edge chunks
+    instead of holding them. Peak memory is O(N) (labels, write cursors) plus one chunk.
     """
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.randint(num_classes, (num_nodes,), generator=generator)
-    means = torch.randn(num_classes, num_features, generator=generator)
-    weight = pareto_weights(num_nodes, degree_exponent, generator) if degree_exponent is not None else None
-    sampler = ClassSampler(y, num_classes, weight)
-    num_pairs = int(num_nodes * avg_degree / 2)
-
-    def edge_chunks():
-        for index, start in enumerate(range(0, num_pairs, chunk)):
-            chunk_generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (index + 1))
-            source, target = sampler.pairs(min(chunk, num_pairs - start), homophily, chunk_generator)
-            keep = source != target
-            source, target = source[keep].numpy(), target[keep].numpy()
-            yield np.concatenate([source, target]), np.concatenate([target, source])
-
-    def feature_chunks():
-        rows = max(1, chunk // num_features)
-        for start in range(0, num_nodes, rows):
-            labels = y[start:start + rows]
-            noise = torch.randn(labels.numel(), num_features, generator=generator)
-            yield (feature_signal * means[labels] + noise).numpy()
-
-    order = torch.randperm(num_nodes, generator=generator).numpy()
-    bounds = np.cumsum([int(round(f * num_nodes)) for f in split])
-    splits = {"train": np.sort(order[:bounds[0]]), "val": np.sort(order[bounds[0]:bounds[1]]),
-              "test": np.sort(order[bounds[1]:bounds[2]])}
+    model = ContextualSBM(num_nodes, num_classes, num_features, avg_degree, homophily, feature_signal,
+                          degree_exponent, seed, chunk)
+    features = (chunk.numpy() for chunk in model.feature_chunks())
     with StoreWriter(path, overwrite=overwrite) as writer:
-        write_csr(writer, num_nodes, edge_chunks)
-        write_nodes(writer, feature_chunks(), num_nodes, num_features, feature_dtype, y.numpy().astype(np.int32),
-                    splits)
+        write_csr(writer, num_nodes, model.edge_chunks)
+        write_nodes(writer, features, num_nodes, num_features, feature_dtype, model.y.numpy().astype(np.int32),
+                    _random_split(num_nodes, split, model.generator))
         return writer.commit(num_classes, generator="contextual_sbm", avg_degree=avg_degree, homophily=homophily,
                              feature_signal=feature_signal, degree_exponent=degree_exponent, seed=seed)
+
+
+def _random_split(num_nodes: int, split: Tuple[float, float, float], generator: torch.Generator) -> dict:
+    """Node ids of a random train / val / test split with the given fractions (sorted)."""
+    order = torch.randperm(num_nodes, generator=generator).numpy()
+    bounds = np.cumsum([int(round(f * num_nodes)) for f in split])
+    return {"train": np.sort(order[:bounds[0]]), "val": np.sort(order[bounds[0]:bounds[1]]),
+            "test": np.sort(order[bounds[1]:bounds[2]])}
 
 
 class SyntheticCSBMDataModule(NodeDataModule):

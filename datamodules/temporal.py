@@ -9,12 +9,13 @@ import json
 import urllib.request
 from typing import Dict, List, Literal, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 
-from .base import DatasetNotFoundError, data_root
+from difformer_lightning.io import atomic_file
+
+from .base import DatasetNotFoundError, GraphDataModule, data_root
 
 URL = "https://raw.githubusercontent.com/benedekrozemberczki/pytorch_geometric_temporal/master/dataset/{name}.json"
 DEFAULT_LAGS = {"chickenpox": 4, "england_covid": 8, "wikivital_mathematics": 14}
@@ -64,7 +65,7 @@ def chronological_split(snapshots: List[Data], train: float = 0.2, val: float = 
     return {"train": snapshots[:first], "val": snapshots[first:second], "test": snapshots[second:]}
 
 
-class TemporalDataModule(pl.LightningDataModule):
+class TemporalDataModule(GraphDataModule):
     """Snapshots of a PyG-Temporal dataset, ``snapshots_per_batch`` graphs per optimiser step.
 
     Looks for ``<root>/temporal/<name>.json`` (root: ``root``, ``$DIFFORMER_DATA`` or ``./data``)
@@ -73,6 +74,7 @@ class TemporalDataModule(pl.LightningDataModule):
     """
 
     # What train.py links into the model: one value per node, predicted by NodeRegressor.
+    task_family = "regression"
     num_outputs = 1
     task = "regression"
 
@@ -90,11 +92,9 @@ class TemporalDataModule(pl.LightningDataModule):
         if self.path.is_file():
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.path.with_suffix(".json.tmp")
-            with urllib.request.urlopen(URL.format(name=self.name), timeout=60) as response:
-                staging.write_bytes(response.read())
-            staging.replace(self.path)
+            with urllib.request.urlopen(URL.format(name=self.name), timeout=60) as response, \
+                    atomic_file(self.path) as handle:
+                handle.write(response.read())
         except OSError as error:
             raise DatasetNotFoundError(f"{self.path} is missing and could not be downloaded ({error}); copy "
                                        f"{self.name}.json from PyTorch Geometric Temporal's dataset folder there")
@@ -111,6 +111,29 @@ class TemporalDataModule(pl.LightningDataModule):
     @property
     def num_features(self) -> int:
         return self.lags
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of one snapshot."""
+        return self.splits["train"][0].num_nodes
+
+    @property
+    def max_batch_nodes(self) -> int:
+        """Attention runs within one snapshot at a time: its nodes."""
+        return self.num_nodes
+
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint records about this data, to refuse resuming on other data."""
+        splits = self.splits
+        first = splits["train"][0]
+        return {"dataset": f"{type(self).__name__}:{self.name}", "num_nodes": first.num_nodes,
+                "num_edges": first.num_edges, "num_features": self.lags, "num_classes": 1,
+                "num_snapshots": sum(len(part) for part in splits.values()),
+                "batch_size": self.snapshots_per_batch}
+
+    def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
+        """The first training snapshot (all its nodes; ``num_nodes`` does not cut a snapshot)."""
+        return self.splits["train"][0]
 
     def setup(self, stage: str) -> None:
         self.splits  # noqa: B018  loads and checks before training

@@ -1,5 +1,4 @@
 """Checkpoints that survive a kill mid-write, name what does not match, and resume exactly."""
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -7,13 +6,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-# Staging name inside the checkpoint folder. It must not contain "last": Lightning's
-# ``ckpt_path="last"`` picks the newest file whose name contains "last".
-INCOMPLETE_NAME = ".incomplete.tmp"
+from .io import atomic_file
 
 
 class CheckpointError(RuntimeError):
@@ -40,34 +36,25 @@ def check_checkpoint_file(path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file in the checkpoint's own folder, ``fsync``, then
-    ``os.replace``: a kill at any moment leaves either the previous file or the new one.
+    ``os.replace`` (:func:`~difformer_lightning.io.atomic_file`): a kill at any moment leaves either the
+    previous file or the new one.
 
     Lightning's own save stages the file in the system temp folder and moves it, which across
     file systems is a copy into the destination (a kill mid-copy truncates the previous good
     checkpoint), and it first serialises the whole checkpoint into memory. Remote paths
-    (``s3://`` ...) keep Lightning's behaviour. Loading reports unreadable files by name.
+    (``s3://`` ...) keep Lightning's behaviour. Loading reports unreadable files by name. ``train.py``
+    gives it to the Trainer (``plugins=[AtomicCheckpointIO()]``); do the same with a Trainer of your own.
     """
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / INCOMPLETE_NAME
-        with open(staging, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power loss
-        finally:
-            os.close(directory)
+        with atomic_file(path) as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
-        if "://" not in str(path) and get_filesystem(path).exists(path):
+        if "://" not in str(path):
             check_checkpoint_file(path)
         return super().load_checkpoint(path, map_location, weights_only)
 

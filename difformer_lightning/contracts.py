@@ -1,15 +1,20 @@
 """What the parts of the project owe each other, written down as types in one place.
 
+* :class:`DataContract`: everything the training side (``train.py``, the LightningModules, the callbacks,
+  the checkpoint check) uses from a data module; :func:`check_data_module` names what a data module lacks.
+  ``datamodules.GraphDataModule`` implements the defaults; every data module of the project derives from it.
+* The batches a data module yields (documented on :class:`DataContract`): PyG ``Data`` objects.
 * :class:`GraphSource`: a graph read one block of target rows at a time (the graph store, or any
   graph too large for one batch), as the streamed exact forward (:mod:`.streaming`) reads it.
 * :class:`ExactEvaluationPlan` and :class:`NodeRows`: a data module that evaluates exactly tells the
-  LightningModule where the graph is and how to chunk it (:meth:`ExactEvaluationData.evaluation_plan`),
+  LightningModule where the graph is and how to chunk it (:meth:`DataContract.evaluation_plan`),
   and its evaluation batches are then :class:`NodeRows`: node ids with their labels and split masks,
   whose outputs the module reads from the exact pass instead of computing them from the batch.
 """
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from torch import Tensor
 from torch_geometric.data import Data
@@ -50,12 +55,83 @@ class NodeRows(Data):
     pass over the whole graph)."""
 
 
+TASKS = ("multiclass", "multilabel", "regression")
+# The node splits, in this order everywhere: batches carry ``{split}_mask``, stores ``{split}_idx``.
+SPLITS = ("train", "val", "test")
+
+
 @runtime_checkable
-class ExactEvaluationData(Protocol):
-    """A data module that can evaluate every node exactly (``datamodules.RandomPartitionDataModule``)."""
+class DataContract(Protocol):
+    """What a data module owes the training side. Every member is defined on the class (a property, an
+    attribute or a method), so a module that lacks one is refused before any data is loaded
+    (:func:`check_data_module`).
+
+    Its training, validation, test and prediction dataloaders yield PyG ``Data`` batches with
+
+    * ``x`` float ``[B, F]``; ``y``: class ids ``[B]`` (``multiclass``), ``{0, 1}`` ``[B, T]``
+      (``multilabel``) or values ``[B]`` (``regression``);
+    * ``train_mask``, ``val_mask``, ``test_mask`` bool ``[B]`` (classification; the nodes each split scores);
+    * optional ``edge_index`` ``[2, E]`` (positions in the batch, messages row 0 -> row 1), ``edge_weight``
+      ``[E]``, ``batch`` ``[B]`` (sorted graph ids: separate graphs), ``n_id`` ``[B]`` (the nodes' ids in the
+      whole graph: prediction rows), ``seed_mask`` ``[B]`` (the nodes a sampled batch was drawn for: the
+      only ones predicted), ``graph_in_edges`` (int: the batch nodes' in-edges in the whole graph);
+
+    or, in exact evaluation (:meth:`evaluation_plan` returned a plan), :class:`NodeRows`.
+    """
+
+    @property
+    def num_features(self) -> int:
+        """F, the encoder's ``in_channels``."""
+
+    @property
+    def num_outputs(self) -> int:
+        """The encoder's ``out_channels``: classes, tasks, or 1 for regression."""
+
+    @property
+    def task(self) -> str:
+        """``'multiclass'``, ``'multilabel'`` or ``'regression'``."""
+
+    @property
+    def num_nodes(self) -> int:
+        """The rows of a prediction (nodes of the graph or store)."""
+
+    @property
+    def max_batch_nodes(self) -> int:
+        """The most nodes one forward pass sees (DIFFormer-a's memory check, before training)."""
+
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint records about the data, to refuse resuming on other data: at least
+        ``dataset``, ``num_nodes``, ``num_features`` and ``num_classes``; how batches are drawn
+        (``batch_size``, ``seed``, ``fanout``) where that applies."""
+
+    def probe_batch(self, num_nodes: int, seed: int = 0):
+        """A fixed batch of at most ``num_nodes`` nodes (``callbacks.Energy`` evaluates on it)."""
 
     def evaluation_plan(self, encoder) -> Optional[ExactEvaluationPlan]:
         """Decides, for this encoder (a :class:`~difformer_lightning.DIFFormer`), whether validation, test
-        and prediction run exactly; returns the plan, or ``None`` for batched evaluation. Called once per
-        stage by the LightningModule's ``setup``, before any evaluation dataloader is requested; it says
-        which it chose and why."""
+        and prediction run exactly; returns the plan, or ``None`` for evaluation on the data module's
+        batches. Called by the LightningModule's ``setup``, before any evaluation dataloader is requested;
+        it says which it chose and why."""
+
+
+DATA_MEMBERS = tuple(name for name in DataContract.__dict__
+                     if not name.startswith("_") and name not in ("register",))
+
+
+def missing_members(data_class: type) -> List[str]:
+    """The members of :class:`DataContract` that ``data_class`` does not define (or leaves abstract)."""
+    return [name for name in DATA_MEMBERS
+            if getattr(inspect.getattr_static(data_class, name, None), "__isabstractmethod__", False)
+            or inspect.getattr_static(data_class, name, None) is None]
+
+
+def check_data_module(datamodule) -> None:
+    """Raises a ``TypeError`` naming every member of :class:`DataContract` that ``datamodule`` (an
+    instance or a class) lacks."""
+    data_class = datamodule if isinstance(datamodule, type) else type(datamodule)
+    missing = missing_members(data_class)
+    if missing:
+        raise TypeError(
+            f"{data_class.__module__}.{data_class.__qualname__} lacks {', '.join(missing)} of the data contract "
+            f"(difformer_lightning.contracts.DataContract): define them on the class, or derive it from "
+            f"datamodules.GraphDataModule, which has the defaults")

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
-from .contracts import ExactEvaluationData, ExactEvaluationPlan, NodeRows
+from .contracts import ExactEvaluationPlan, NodeRows, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, Scratch, exact_states, scratch_layout
 
@@ -21,8 +21,8 @@ class EncoderModule(pl.LightningModule):
     ``ValueError`` naming every difference when a checkpoint's model or data do not match.
     Subclasses set ``higher_is_better`` for their validation metric.
 
-    Exact evaluation: when the data module evaluates exactly
-    (:class:`~.contracts.ExactEvaluationData`, e.g. ``RandomPartitionDataModule``), every validation,
+    Exact evaluation: when the data module evaluates exactly (its ``evaluation_plan`` returns a plan, as
+    ``RandomPartitionDataModule``'s does), every validation,
     test and prediction epoch starts with one exact forward pass over the whole graph
     (:func:`~.streaming.exact_states`: on this module's device, under the Trainer's precision, its
     chunks shared among the DDP ranks), and the evaluation batches (:class:`~.contracts.NodeRows`)
@@ -50,6 +50,8 @@ class EncoderModule(pl.LightningModule):
         self.encoder = encoder
         self.register_buffer("best_val", torch.tensor(float("-inf") if self.higher_is_better else float("inf")))
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
+        # the global step of the best validation (callbacks.Checkpoint keeps that state as best.ckpt)
+        self.register_buffer("best_step", torch.tensor(-1))
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
         self._scratch: Optional[Scratch] = None
@@ -58,12 +60,30 @@ class EncoderModule(pl.LightningModule):
         if self.hparams.compile_encoder:
             self.encoder.compile()
 
+    def _datamodule(self):
+        """The Trainer's data module, checked against the data contract; ``None`` without one (data
+        passed to ``fit`` as dataloaders, or no Trainer)."""
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer (Lightning's public `trainer` raises then)
+            return None
+        if datamodule is not None:
+            check_data_module(datamodule)
+        return datamodule
+
+    def _trainer_function(self) -> Optional[str]:
+        """What the Trainer is running (``'fit'``, ``'validate'``, ...), ``None`` without a Trainer."""
+        try:
+            return self.trainer.state.fn
+        except RuntimeError:
+            return None
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "max_batch_nodes"):
-            self.encoder.check_fits(datamodule.max_batch_nodes)
-        if isinstance(datamodule, ExactEvaluationData):
-            self._exact_plan = datamodule.evaluation_plan(self.encoder)
+        datamodule = self._datamodule()
+        if datamodule is None:
+            return
+        self.encoder.check_fits(datamodule.max_batch_nodes)
+        self._exact_plan = datamodule.evaluation_plan(self.encoder)
         if self._exact_plan is not None and self._scratch is None:
             # The scratch arrays are allocated (their pages populated) once, here, not in the first evaluation.
             strategy, shared = self.trainer.strategy, self._exact_plan.shared
@@ -147,6 +167,7 @@ class EncoderModule(pl.LightningModule):
         if improved:
             self.best_val.fill_(val)
             self.test_at_best_val.fill_(test)
+            self.best_step.fill_(self.global_step)
         self.log("val/best", self.best_val)
         self.log("test@best_val", self.test_at_best_val, prog_bar=True)
         return improved
@@ -157,9 +178,13 @@ class EncoderModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the weights: a mismatch is reported by name, not as a
         # size-mismatch traceback; the dropout random state comes back only when resuming a fit.
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data = datamodule.describe() if hasattr(datamodule, "describe") else None
+        # Buffers added after a checkpoint was written: their initial values, not a size mismatch.
+        for name in ("best_step", "train_loss_epoch"):
+            if name in self.state_dict():
+                checkpoint.get("state_dict", {}).setdefault(name, self.state_dict()[name].clone())
+        datamodule = self._datamodule()
+        fitting = self._trainer_function() == "fit"
+        data = datamodule.describe() if datamodule is not None else None
         check_compatible(checkpoint, self.hparams, self.state_dict(), data, fitting)
         if fitting and "rng_states" in checkpoint:
             restore_rng_state(checkpoint["rng_states"], self.global_rank, self.device)

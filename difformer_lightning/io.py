@@ -1,19 +1,91 @@
-"""Writing files so that an interruption never leaves a half-written one."""
+"""Writing files so that an interruption never leaves a half-written one: the one helper every writer
+of the project uses (checkpoints, JSON results, plots, predictions, logits, downloads).
+
+A file is written under a temporary name in its own folder (``.<name>.tmp-<pid>-<random>``, which never
+matches the final name nor Lightning's ``last*`` pattern), flushed to disk, renamed over the final name
+(``os.replace``: atomic on POSIX within one file system), and the rename itself is flushed. A kill at any
+moment leaves the previous file or the new one, never a mix; what a killed writer left is a temporary
+name, removed on the next write of the same file.
+"""
 import json
 import os
-import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import IO, Any, Iterator, Union
+
+PathLike = Union[str, Path]
 
 
-def write_json_atomic(path: Union[str, Path], payload: Any) -> None:
-    """Writes ``payload`` as JSON to a temporary file beside ``path``, then renames it over ``path``."""
+def staging_path(path: PathLike) -> Path:
+    """A fresh temporary name beside ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def publish(staging: PathLike, path: PathLike) -> None:
+    """Flushes ``staging`` (a complete file) to disk and renames it over ``path``, atomically; leftovers of
+    killed writers of ``path`` are removed."""
+    staging, path = Path(staging), Path(path)
+    with open(staging, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    _fsync_directory(path.parent)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        if not _writer_alive(leftover):
+            leftover.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """``with atomic_file(path) as handle: ...`` writes ``handle`` under a temporary name and publishes it
+    as ``path`` when the block ends without an exception (and removes it when it raises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
+    staging = staging_path(path)
+    try:
+        with open(staging, mode) as handle:
+            yield handle
+            handle.flush()
+        publish(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: PathLike, payload: Any) -> None:
+    """Writes ``payload`` as indented JSON to ``path``, atomically."""
+    with atomic_file(path, "w") as handle:
         json.dump(payload, handle, indent=2)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+
+
+def _writer_alive(staging: Path) -> bool:
+    """Whether the process that named ``staging`` (``...tmp-<pid>-<random>``) still runs."""
+    try:
+        pid = int(staging.name.rsplit(".tmp-", 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Makes a rename in ``folder`` survive a power loss (a no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -1,15 +1,16 @@
 """Node classification with a DIFFormer encoder."""
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torchmetrics import AUROC, Accuracy, MeanMetric, Metric
 
+from .contracts import SPLITS
 from .encoder_module import EncoderModule
 from .model import DIFFormer
 
-SPLITS = ("train", "val", "test")
 
 
 class NodeClassifier(EncoderModule):
@@ -49,6 +50,7 @@ class NodeClassifier(EncoderModule):
         # run logs the same epoch loss as an uninterrupted one; synchronised over ranks.
         self.train_loss = MeanMetric()
         self.train_loss.persistent(True)
+        self.register_buffer("train_loss_epoch", torch.tensor(-1))
 
     def _make_metric(self, task: str, metric: str) -> Metric:
         num_outputs = self.encoder.lin_out.out_features
@@ -59,13 +61,12 @@ class NodeClassifier(EncoderModule):
         return AUROC(task=task, average="macro", **size)
 
     def on_train_epoch_start(self) -> None:
-        # An epoch-end checkpoint is written before Lightning resets the logged mean, so a run
-        # resumed from one would carry the finished epoch's losses into the next. The loop's
-        # progress still counts that epoch's batches here (as the data module's state_dict reads
-        # it); a run resumed mid-epoch (fewer batches done) keeps the checkpoint's partial mean.
-        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if processed == 0 or processed >= self.trainer.num_training_batches:
+        # The running mean is saved in checkpoints with the epoch it belongs to (train_loss_epoch), so a
+        # run resumed mid-epoch keeps the epoch's partial mean and one resumed from an epoch-end checkpoint
+        # (written before Lightning resets the logged mean) does not carry it into the next epoch.
+        if int(self.train_loss_epoch) != self.current_epoch:
             self.train_loss.reset()
+            self.train_loss_epoch.fill_(self.current_epoch)
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.hparams.task == "multilabel":
@@ -75,12 +76,14 @@ class NodeClassifier(EncoderModule):
     def training_step(self, batch: Data, batch_idx: int) -> Tensor:
         mask = batch.train_mask
         logits = self(batch)
-        if not mask.any():
-            # A partition batch may hold no training node; a zero loss that still touches every
-            # parameter keeps DDP's gradient all-reduce in step across ranks.
-            return logits.sum() * 0.0
-        loss = self._loss(logits[mask], batch.y[mask])
-        self.train_loss.update(loss.detach(), weight=mask.sum())
+        if mask.any():
+            loss = self._loss(logits[mask], batch.y[mask])
+            self.train_loss.update(loss.detach(), weight=mask.sum())
+        else:
+            # A partition batch may hold no training node: a zero loss that still touches every parameter
+            # keeps DDP's gradient all-reduce in step across ranks, and the epoch mean is logged (and
+            # synchronised over ranks) all the same, so no rank waits for another at the epoch's end.
+            loss = logits.sum() * 0.0
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

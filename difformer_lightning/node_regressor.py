@@ -11,7 +11,10 @@ from torchmetrics import MeanMetric, MeanSquaredError
 from .encoder_module import EncoderModule
 from .model import DIFFormer
 
-SPLITS = ("val", "test")
+from .contracts import SPLITS
+
+# Temporal data has no per-node training split to evaluate: validation and test snapshots only.
+EVALUATED = SPLITS[1:]
 
 
 def all_pairs_mse(prediction: Tensor, target: Tensor, batch: Tensor) -> Tensor:
@@ -45,8 +48,8 @@ class NodeRegressor(EncoderModule):
             raise ValueError(f"NodeRegressor predicts one value per node: the encoder needs out_channels=1, "
                              f"got {encoder.lin_out.out_features}")
         super().__init__(encoder, lr, weight_decay, compile_encoder)
-        self.mse = torch.nn.ModuleDict({split: MeanSquaredError() for split in SPLITS})
-        self.all_pairs = torch.nn.ModuleDict({split: MeanMetric() for split in SPLITS})
+        self.mse = torch.nn.ModuleDict({split: MeanSquaredError() for split in EVALUATED})
+        self.all_pairs = torch.nn.ModuleDict({split: MeanMetric() for split in EVALUATED})
         self.register_buffer("test_all_pairs_at_best_val", torch.tensor(float("nan")))
 
     def forward(self, batch: Data) -> Tensor:
@@ -58,10 +61,10 @@ class NodeRegressor(EncoderModule):
         return loss
 
     def validation_step(self, batch: Data, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update_metrics(batch, SPLITS[dataloader_idx])
+        self._update_metrics(batch, EVALUATED[dataloader_idx])
 
     def on_validation_epoch_end(self) -> None:
-        (val, _), (test, test_all_pairs) = (self._log_metrics(split) for split in SPLITS)
+        (val, _), (test, test_all_pairs) = (self._log_metrics(split) for split in EVALUATED)
         if self.record_best(val, test):
             self.test_all_pairs_at_best_val.fill_(test_all_pairs)
 

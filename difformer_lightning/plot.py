@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .io import atomic_file  # noqa: E402
+
 
 def read_metrics(log_dir: Path) -> Dict[str, Dict[int, float]]:
     """``{metric: {epoch: value}}`` over all ``metrics.csv`` under ``log_dir``, oldest version first."""
@@ -74,10 +76,9 @@ def plot_energy(metrics: Dict[str, Dict[int, float]], out: Path) -> Path:
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
-    staging = path.with_name(path.name + ".tmp.png")
-    figure.savefig(staging, dpi=100)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, dpi=100, format="png")
     plt.close(figure)
-    staging.replace(path)
     return path
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from .attention import LinearAttentionStats, sigmoid_rows_per_block
 from .contracts import GraphSource
 from .graph import NormalizedGraph, accumulation_dtype, gcn_degree
+from .io import publish, staging_path
 from .model import DIFFormer
 
 
@@ -178,7 +179,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     device = device or next(model.parameters()).device
     gather_to = device if (gather if gather is not None else device.type != "cpu") else None
     conv = model.convs[0]
-    num_nodes, hidden = source.num_nodes, model.lin_in.out_features
+    num_nodes = source.num_nodes
     dtype = accumulation_dtype(next(model.parameters()).dtype)
     chunks = chunk_ranges(num_nodes, chunk_nodes)
     mine = list(enumerate(chunks))[collectives.rank::collectives.world_size]
@@ -330,8 +331,7 @@ def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int 
         if out is None:
             logits = np.empty((num_nodes, classes), np.float32)
         else:
-            out = Path(out)
-            staging = out.with_name(f".{out.name}.tmp")
+            out, staging = Path(out), staging_path(out)
             logits = np.lib.format.open_memmap(staging, "w+", np.float32, (num_nodes, classes))
         device = next(model.parameters()).device
         for start, stop in chunk_ranges(num_nodes, chunk_nodes):
@@ -340,7 +340,7 @@ def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int 
             return torch.from_numpy(logits)
         logits.flush()
         del logits
-        staging.replace(out)
+        publish(staging, out)
         return torch.from_numpy(np.load(out, mmap_mode="c"))
     finally:
         scratch.close()

@@ -7,8 +7,9 @@ import lightning.pytorch as pl
 
 
 class StepPrinter(pl.Callback):
-    """Prints ``step <global step>`` after every training step, then sleeps ``pause`` seconds so a
-    test watching the output can kill the process part-way through an epoch."""
+    """Prints ``step <global step>`` after every training step and ``validating <epoch>`` when a validation
+    inside the fit starts, then sleeps ``pause`` seconds, so a test watching the output can kill the
+    process part-way through an epoch or while it validates."""
 
     def __init__(self, pause: float = 0.0) -> None:
         self.pause = pause
@@ -17,6 +18,12 @@ class StepPrinter(pl.Callback):
         if trainer.is_global_zero:  # one writer: lines of two ranks could interleave
             print(f"step {trainer.global_step}", flush=True)
         time.sleep(self.pause)
+
+    def on_validation_start(self, trainer, module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            if trainer.is_global_zero:
+                print(f"validating {trainer.current_epoch}", flush=True)
+            time.sleep(self.pause)
 
 
 class BatchRecorder(pl.Callback):
@@ -32,3 +39,13 @@ class BatchRecorder(pl.Callback):
     def on_fit_end(self, trainer, module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+class IncompleteData(pl.LightningDataModule):
+    """A user's data module that forgot most of the data contract (tests/test_contracts.py)."""
+
+    num_features = 4
+
+    def __init__(self, size: int = 10) -> None:
+        super().__init__()
+        self.size = size

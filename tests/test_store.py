@@ -9,7 +9,8 @@ from torch_geometric.data import Data
 from torch_geometric.utils import subgraph
 
 from datamodules import GraphStore, PlanetoidDataModule, RandomPartitionDataModule, StoreError
-from datamodules.partition import BatchBuilder, PartitionSampler, induced_subgraph
+from datamodules.csr import induced_subgraph
+from datamodules.partition import BatchBuilder, PartitionSampler
 from datamodules.store import StoreWriter, write_store_from_data
 from datamodules.synthetic import write_synthetic_store
 from difformer_lightning import DIFFormer, NodeClassifier
@@ -160,7 +161,7 @@ def test_bad_batch_sizes_and_empty_splits(cora_store, tmp_path):
     np.save(empty / "val_idx.npy", np.zeros(0, dtype=np.int64))
     meta["arrays"]["val_idx"].update(shape=[0], bytes=(empty / "val_idx.npy").stat().st_size)
     (empty / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="the val split names no node"):
+    with pytest.raises(StoreError, match="the val split selects no node"):
         RandomPartitionDataModule(str(empty), batch_size=2).setup("fit")
 
 
@@ -274,16 +275,16 @@ def test_power_law_option_gives_a_heavy_degree_tail(tmp_path):
 @pytest.mark.skipif(not __import__("torch_geometric").typing.WITH_PYG_LIB,
                     reason="pyg-lib is not installed: only the pure-torch subgraph path can run here")
 def test_pyg_lib_and_pure_torch_paths_give_identical_batches(cora_store, monkeypatch):
-    import datamodules.partition as partition
+    import datamodules.csr as csr
 
     _, path = cora_store
     store = GraphStore.open(path)
     rowptr, col = store.rowptr, store.col.long()  # pyg-lib needs one dtype for rowptr and col
     for seed in range(3):
         nodes = torch.randperm(2708, generator=torch.Generator().manual_seed(seed))[:700].sort().values
-        monkeypatch.setattr(partition, "USE_PYG_LIB", True)
+        monkeypatch.setattr(csr, "USE_PYG_LIB", True)
         fast, fast_ids = induced_subgraph(rowptr, col, nodes)
-        monkeypatch.setattr(partition, "USE_PYG_LIB", False)
+        monkeypatch.setattr(csr, "USE_PYG_LIB", False)
         slow, slow_ids = induced_subgraph(rowptr, col, nodes)
         assert edge_set(fast) == edge_set(slow)
         assert sorted(fast_ids.tolist()) == sorted(slow_ids.tolist())  # the same edges of col

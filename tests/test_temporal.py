@@ -113,3 +113,20 @@ def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args
     with pytest.raises(ValueError, match=message):
         main(["fit", *args, "--data.init_args.root", str(tmp_path / "nothing here"), *QUIET],
              save_config_callback=None)
+
+
+def test_a_temporal_checkpoint_resumed_on_other_temporal_data_lists_the_differences(tmp_path):
+    from train import main
+    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(SHARED_DATA),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *common, "--trainer.max_epochs", "2"], save_config_callback=None)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    with pytest.raises(ValueError) as error:
+        main(["fit", *common, "--trainer.max_epochs", "3", "--data.init_args.name", "england_covid",
+              "--data.init_args.lags", "4", "--ckpt_path", str(checkpoint)], save_config_callback=None)
+    message = str(error.value)
+    assert "data.dataset: checkpoint 'TemporalDataModule:chickenpox', this run 'TemporalDataModule:england_covid'" \
+        in message
+    assert "data.num_nodes: checkpoint 20, this run 129" in message

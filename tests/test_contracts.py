@@ -1,0 +1,114 @@
+"""The data contract, the loader's own resume state, one CSBM generator, one atomic-write helper."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from datamodules import (FeatureDataModule, GraphStore, NodeDataModule, PlanetoidDataModule, RandomPartitionDataModule,
+                         SyntheticCSBMDataModule, TemporalDataModule)
+from datamodules.partition import BatchBuilder, PartitionLoader, PartitionSampler
+from datamodules.synthetic import contextual_sbm, write_synthetic_store
+from difformer_lightning.contracts import DATA_MEMBERS, check_data_module, missing_members
+from difformer_lightning.io import atomic_file, publish, staging_path
+
+
+@pytest.mark.parametrize("data_class", [NodeDataModule, PlanetoidDataModule, FeatureDataModule, SyntheticCSBMDataModule,
+                                        RandomPartitionDataModule, TemporalDataModule])
+def test_every_data_module_of_the_project_implements_the_whole_contract(data_class):
+    assert missing_members(data_class) == []
+    assert set(DATA_MEMBERS) == {"num_features", "num_outputs", "task", "num_nodes", "max_batch_nodes", "describe",
+                                 "probe_batch", "evaluation_plan"}
+
+
+def test_a_data_module_missing_part_of_the_contract_is_named_before_any_data_is_loaded(tmp_path):
+    from cli_helpers import IncompleteData
+    with pytest.raises(TypeError, match="IncompleteData lacks num_outputs, task, num_nodes, max_batch_nodes, "
+                                        "describe, probe_batch, evaluation_plan of the data contract"):
+        check_data_module(IncompleteData())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
+                           "--data", "cli_helpers.IncompleteData", "--trainer.default_root_dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "lacks num_outputs" in done.stderr and "Epoch" not in done.stdout, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("contract") / "csbm", 503, num_classes=3, seed=5)
+
+
+def loader(store, world: int, rank: int, workers: int = 0) -> PartitionLoader:
+    sampler = PartitionSampler(503, 40, seed=1, shuffle=True, num_replicas=world, rank=rank)
+    return PartitionLoader(BatchBuilder(store), sampler, num_workers=workers)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (3, 2)])
+def test_the_training_loader_owns_its_position_and_resumes_every_rank_exactly(store, world, workers):
+    # torchtitan's test: consume k batches, save the state, load it into a fresh loader, and the next
+    # batches are the same on every rank; workers drawing ahead do not move the position.
+    for rank in range(world):
+        first = loader(store, world, rank, workers)
+        first.sampler.set_epoch(2)
+        batches = iter(first)
+        seen = [next(batches).n_id for _ in range(3)]
+        state = first.state_dict()
+        assert state == {"epoch": 2, "position": 3, "world_size": world}
+        rest = [batch.n_id for batch in batches]
+        assert len(seen) + len(rest) == len(first)
+        fresh = loader(store, world, rank, workers)
+        fresh.load_state_dict(state)
+        fresh.sampler.set_epoch(2)  # as Lightning does at the epoch's start
+        resumed = [batch.n_id for batch in fresh]
+        assert all(torch.equal(a, b) for a, b in zip(resumed, rest)) and len(resumed) == len(rest)
+        # the next epoch starts from its first batch
+        assert fresh.state_dict() == {"epoch": 3, "position": 0, "world_size": world}
+        fresh.sampler.set_epoch(3)
+        assert len(list(fresh)) == len(fresh)
+
+
+def test_a_mid_epoch_position_is_refused_under_another_number_of_ranks(store):
+    with pytest.raises(ValueError, match="written mid-epoch by 2 ranks and this run has 3"):
+        loader(store, 3, 0).load_state_dict({"epoch": 1, "position": 2, "world_size": 2})
+    loader(store, 3, 0).load_state_dict({"epoch": 1, "position": 0, "world_size": 2})  # an epoch's end is fine
+
+
+def test_the_full_batch_and_the_store_csbm_are_the_same_graph(tmp_path):
+    args = dict(num_nodes=700, num_classes=4, num_features=6, avg_degree=5.0, homophily=0.7, feature_signal=0.5)
+    data = contextual_sbm(**args, seed=3, chunk=1000)
+    store = GraphStore.open(write_synthetic_store(tmp_path / "s", **args, seed=3, chunk=1000,
+                                                  feature_dtype=np.float32))
+    assert torch.equal(store.x, data.x) and torch.equal(store.y.long(), data.y)
+    source, target, _ = store.in_edges(0, store.num_nodes)
+    in_memory = sorted(zip(data.edge_index[1].tolist(), data.edge_index[0].tolist()))
+    assert sorted(zip(target.tolist(), source.tolist())) == in_memory  # every edge, duplicates included
+    other = contextual_sbm(**args, seed=4, chunk=1000)
+    assert not torch.equal(other.x, data.x)
+
+
+def test_the_synthetic_data_module_uses_the_same_generator():
+    module = SyntheticCSBMDataModule(num_nodes=600, num_classes=3, num_val=100, num_test=200, seed=7)
+    data = contextual_sbm(600, 3, 64, 8.0, 0.6, 0.2, seed=7)
+    assert torch.equal(module.data.x, data.x) and torch.equal(module.data.edge_index, data.edge_index)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_and_clean_a_dead_writers_leftovers(tmp_path):
+    path = tmp_path / "result.json"
+    with atomic_file(path, "w") as handle:
+        handle.write("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path, "w") as handle:
+            handle.write("half")
+            raise RuntimeError("killed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    # a writer killed hard leaves its temporary name; the next write of the file removes it
+    dead = path.with_name(f".{path.name}.tmp-999999999-deadbeef")
+    dead.write_text("half")
+    staging = staging_path(path)
+    staging.write_text("new")
+    publish(staging, path)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
