@@ -42,8 +42,8 @@ class Checkpoint(ModelCheckpoint):
         # Lightning's own triggers stay off (its hooks are replaced below): no top-k, no save_last.
         super().__init__(dirpath=dirpath, filename=Path(LAST).stem, monitor=None, save_top_k=0,
                          save_weights_only=save_weights_only, verbose=verbose)
-        self.every_n_steps, self.time_interval = every_n_train_steps or 0, train_time_interval
-        self.every_n_epochs = every_n_epochs
+        self.step_interval, self.time_interval = every_n_train_steps or 0, train_time_interval
+        self.epoch_interval = every_n_epochs
         self._last_saved_step, self._last_time, self._best_saved_step = -1, time.monotonic(), -1
 
     def _path(self, name: str) -> Path:
@@ -55,7 +55,7 @@ class Checkpoint(ModelCheckpoint):
             time.monotonic()
 
     def _due_mid_epoch(self, trainer: "pl.Trainer") -> bool:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.step_interval and trainer.global_step % self.step_interval == 0:
             return True
         if self.time_interval is not None:
             # rank 0's clock decides for every rank: saving is a collective
@@ -71,7 +71,7 @@ class Checkpoint(ModelCheckpoint):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         epoch_end = trainer.is_last_batch
-        if epoch_end and (trainer.current_epoch + 1) % max(self.every_n_epochs, 1) == 0 and self.every_n_epochs:
+        if epoch_end and (trainer.current_epoch + 1) % max(self.epoch_interval, 1) == 0 and self.epoch_interval:
             self._save_last(trainer)
         if isinstance(pl_module, EncoderModule) and int(pl_module.best_step) == trainer.global_step \
                 and self._best_saved_step != trainer.global_step:  # this validation found a new best
@@ -96,7 +96,7 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # An epoch without validation (check_val_every_n_epoch, no validation data) ends here.
-        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        due = self.epoch_interval and (trainer.current_epoch + 1) % self.epoch_interval == 0
         if due and trainer.global_step != self._last_saved_step:
             self._save_last(trainer)
 

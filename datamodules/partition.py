@@ -94,8 +94,9 @@ class PartitionSampler(Sampler):
     takes batches ``r, r + world, ...``: every rank gets exactly ``k`` batches and every node
     is used once per epoch, so no rank waits at a last batch the others do not have. For
     evaluation (``shuffle=False``) the consecutive ids are cut into ``ceil(N / batch_size)``
-    batches whatever the number of ranks (ranks may differ by one batch, or have none), so metrics
-    summed over ranks equal a single-process evaluation. ``start`` (reset after each pass) skips this
+    batches whatever the number of ranks (ranks may differ by one batch; a rank left without one gets an
+    empty batch, so it still runs the evaluation loop), so metrics summed over ranks equal a single-process
+    evaluation. ``start`` (reset after each pass) skips this
     rank's first batches of the epoch: :class:`PartitionLoader` sets it to resume part-way.
     """
 
@@ -130,12 +131,17 @@ class PartitionSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[Tensor, int]]:
         indices = self._indices()[self.start:]
         self.start = 0
+        if len(self._indices()) == 0:
+            # Fewer evaluation batches than ranks: this rank gets one empty batch, so that it runs the
+            # evaluation loop (and its collectives: metric sums, the exact pass) with the others.
+            yield torch.zeros(0, dtype=torch.long), 0
+            return
         batches = torch.tensor_split(self.permutation(), self.total_batches)
         for index in indices:
             yield batches[index], self._epoch_seed() * 65_537 + index
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return max(len(self._indices()), 1)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose permutation the next pass draws (Lightning calls it at every epoch start)."""
@@ -160,6 +166,7 @@ class PartitionLoader:
     def __init__(self, dataset: Dataset, sampler: PartitionSampler, num_workers: int = 0, pin_memory: bool = False,
                  seed: int = 0) -> None:
         self.sampler = sampler
+        self.batch_sampler = None  # as a DataLoader with batch_size=None: Lightning looks for both
         # An own generator: the DataLoader draws its worker base seed from it, not from the global RNG,
         # whose state (dropout) a mid-epoch checkpoint restores.
         self.loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,

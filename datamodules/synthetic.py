@@ -36,8 +36,8 @@ class ContextualSBM:
     tail). Every pair is kept in both directions; self loops are dropped and repeated pairs (about
     ``avg_degree / N`` per pair) kept as drawn. Deterministic in ``seed`` (and ``chunk``): edges come from
     one generator per chunk of pairs, so the store's two passes over them regenerate instead of holding
-    them; labels, means and features (in chunks, in order) from one generator, which the store then also
-    draws its split from.
+    them; labels, class means, a random order of the nodes (``permutation``, which the store cuts its random
+    split from) and then the features (in chunks, in order) from one generator.
     """
 
     def __init__(self, num_nodes: int, num_classes: int, num_features: int, avg_degree: float, homophily: float,
@@ -51,6 +51,8 @@ class ContextualSBM:
         weight = pareto_weights(num_nodes, degree_exponent, self.generator) if degree_exponent is not None else None
         self.sampler = ClassSampler(self.y, num_classes, weight)
         self.num_pairs = int(num_nodes * avg_degree / 2)
+        # a random order of the nodes, drawn before the features (the store cuts its split from it)
+        self.permutation = torch.randperm(num_nodes, generator=self.generator)
 
     def edge_chunks(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """``(source, target)`` int64 chunks, every pair in both directions; the same on every call."""
@@ -136,14 +138,14 @@ def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: i
     with StoreWriter(path, overwrite=overwrite) as writer:
         write_csr(writer, num_nodes, model.edge_chunks)
         write_nodes(writer, features, num_nodes, num_features, feature_dtype, model.y.numpy().astype(np.int32),
-                    _random_split(num_nodes, split, model.generator))
+                    _random_split(model.permutation, split))
         return writer.commit(num_classes, generator="contextual_sbm", avg_degree=avg_degree, homophily=homophily,
                              feature_signal=feature_signal, degree_exponent=degree_exponent, seed=seed)
 
 
-def _random_split(num_nodes: int, split: Tuple[float, float, float], generator: torch.Generator) -> dict:
-    """Node ids of a random train / val / test split with the given fractions (sorted)."""
-    order = torch.randperm(num_nodes, generator=generator).numpy()
+def _random_split(order: Tensor, split: Tuple[float, float, float]) -> dict:
+    """Node ids of a train / val / test split with the given fractions, cut from the random ``order``."""
+    num_nodes, order = order.numel(), order.numpy()
     bounds = np.cumsum([int(round(f * num_nodes)) for f in split])
     return {"train": np.sort(order[:bounds[0]]), "val": np.sort(order[bounds[0]:bounds[1]]),
             "test": np.sort(order[bounds[1]:bounds[2]])}

@@ -48,4 +48,4 @@ def check_labels(y: Tensor, nodes: Tensor, split: str, num_classes: Optional[int
         first = int(bad.nonzero()[0])
         label = y[first].tolist()
         raise error(f"{where}: {int(bad.sum())} {split} nodes have a label that is not {expected} (first: node "
-                    f"{int(nodes[first])} has {label}); give unlabelled nodes no split")
+                    f"{int(nodes[first])} has label {label}); give unlabelled nodes no split")

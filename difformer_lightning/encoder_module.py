@@ -149,9 +149,13 @@ class EncoderModule(pl.LightningModule):
     def predict_step(self, batch: Data, batch_idx: int) -> Dict[str, Tensor]:
         """``{"n_id", "logits", "embeddings"}`` of the batch's predicted nodes: all of them, or its seeds
         (``seed_mask``) in neighbour-sampling batches; ``n_id`` is ``0 .. N - 1`` for a whole graph."""
+        n_id = batch.get("n_id")
+        if n_id is not None and n_id.numel() == 0:  # a rank's empty batch: nothing to predict
+            empty = torch.zeros(0, device=self.device)
+            return {"n_id": n_id, "logits": empty.view(0, self.encoder.lin_out.out_features),
+                    "embeddings": empty.view(0, self.encoder.hidden_channels)}
         embeddings = self.embed(batch)
         logits = self.encoder.decode(embeddings)
-        n_id = batch.get("n_id")
         if n_id is None:
             n_id = torch.arange(embeddings.size(0), device=embeddings.device)
         seeds = batch.get("seed_mask")

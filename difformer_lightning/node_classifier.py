@@ -88,6 +88,8 @@ class NodeClassifier(EncoderModule):
         return loss
 
     def _update_metrics(self, batch: Data, splits) -> None:
+        if not any(bool(batch[f"{split}_mask"].any()) for split in splits):
+            return  # nothing to score (an empty batch of a rank with no evaluation batch, no labelled node)
         logits = self.evaluate(batch)
         for split in splits:
             mask = batch[f"{split}_mask"]

@@ -109,14 +109,14 @@ def test_valid_tiny_graph_passes_and_infers_classes():
     (dict(y=torch.tensor([0, 1, 2, 0, 1])), "x has 6 rows, y has 5"),
     (dict(x=torch.rand(5, 3)), "x has 5 rows, y has 6"),
     (dict(x=torch.tensor([[0.0, 1, 2]] * 3 + [[float("nan"), 0, 0]] + [[1.0, 1, 1]] * 2)),
-     "NaN or inf in 1 of 6 rows.*node 3"),
-    (dict(x=torch.tensor([[float("inf"), 1, 2]] + [[1.0, 1, 1]] * 5)), "NaN or inf"),
+     "feature 0 of node 3 is nan"),
+    (dict(x=torch.tensor([[float("inf"), 1, 2]] + [[1.0, 1, 1]] * 5)), "feature 0 of node 0 is inf"),
     (dict(edge_index=torch.tensor([[0, 1], [1, 6]])), r"node ids in \[0, 6\] but there are 6 nodes"),
     (dict(edge_index=torch.tensor([[0, -1], [1, 2]])), r"node ids in \[-1, 2\]"),
     (dict(edge_weight=torch.ones(3)), "one entry per edge"),
-    (dict(y=torch.tensor([0, 1, 2, 0, 7, -1])), r"class id outside \[0, 3\).*node 4 has label 7"),
+    (dict(y=torch.tensor([0, 1, 2, 0, 7, -1])), r"not a class id in \[0, 3\).*node 4 has label 7"),
     (dict(y=torch.tensor([0, -2, 2, 0, 1, -1])), "node 1 has label -2"),
-    (dict(val_mask=torch.zeros(6, dtype=torch.bool)), "val_mask selects no node"),
+    (dict(val_mask=torch.zeros(6, dtype=torch.bool)), "the val split selects no node"),
     (dict(y=torch.rand(6)), "integer class ids"),
 ])
 def test_bad_input_names_the_problem(changes, message):
