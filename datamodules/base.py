@@ -61,6 +61,11 @@ class GraphDataModule(pl.LightningDataModule):
     def probe_batch(self, num_nodes: int, seed: int = 0) -> Data:
         """See :meth:`difformer_lightning.contracts.DataContract.probe_batch`."""
 
+    @property
+    def metric(self) -> str:
+        """ROC-AUC over tasks for multi-label data, accuracy otherwise (subclasses say more)."""
+        return "rocauc" if self.task == "multilabel" else "accuracy"
+
     def evaluation_plan(self, encoder) -> Optional["ExactEvaluationPlan"]:
         """Evaluation on the data module's own batches (no exact pass), unless a subclass says otherwise."""
         return None

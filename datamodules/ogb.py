@@ -15,10 +15,11 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .base import DatasetNotFoundError
 from difformer_lightning.contracts import SPLITS
 
+from .base import DatasetNotFoundError
 from .csr import write_csr
+from .partition import RandomPartitionDataModule
 from .store import StoreWriter, write_nodes
 
 # ogb's names for the validation split file
@@ -27,9 +28,7 @@ _SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}
 
 def ogb_meta(name: str) -> dict:
     """OGB's meta information for ``name`` (its master table), e.g. add_inverse_edge, split, binary."""
-    import ogb.nodeproppred
-
-    table = pd.read_csv(Path(ogb.nodeproppred.__file__).parent / "master.csv", index_col=0, keep_default_na=False)
+    table = _master_table()
     if name not in table.columns:
         raise ValueError(f"unknown OGB node dataset {name!r}: choose one of {', '.join(table.columns)}")
     return dict(table[name])
@@ -208,3 +207,70 @@ def _label_values(values: np.ndarray, multilabel: bool) -> np.ndarray:
         return values.astype(np.uint8)
     flat = values.reshape(-1)
     return np.where(np.isnan(flat), -1, flat).astype(np.int32)
+
+
+class OGBDataModule(RandomPartitionDataModule):
+    """An OGB node-property dataset (``ogbn-arxiv``, ``ogbn-products``, ``ogbn-proteins``,
+    ``ogbn-papers100M``) by name, trained on its official split and scored by ``ogb.nodeproppred.Evaluator``.
+
+    ``prepare_data`` (one process per machine, as Lightning calls it) downloads OGB's archive into
+    ``<root>/<download name>`` where the network allows (or finds it there) and converts it once into a
+    graph store, ``<root>/stores/<name>`` (``store`` overrides it): with a lock, so that a second process
+    preparing the same dataset waits and reuses the store, and through a temporary folder, so that an
+    interrupted conversion is redone rather than half-used. Training is then by random partition (or seed
+    + neighbour batches with ``fanout``); ``batch_size`` at least N trains full batch. Evaluation is exact
+    by default (:class:`~datamodules.RandomPartitionDataModule`). ``meta_dict`` replaces OGB's master-table
+    entry for datasets in OGB's layout that OGB does not list (as ``PygNodePropPredDataset`` takes it).
+    ``undirected`` overrides OGB's ``add_inverse_edge`` (``True`` symmetrises papers100M's citations);
+    ``feature_dtype`` is the store's (``float16`` halves papers100M's 57 GB of features).
+    """
+
+    def __init__(self, name: str = "ogbn-arxiv", root: Optional[str] = None, store: Optional[str] = None,
+                 batch_size: int = 10_000, eval_batch_size: Optional[int] = None, seed: int = 0,
+                 num_workers: int = 2, fanout: int = 0, evaluation: Optional[str] = None,
+                 scratch_dir: Optional[str] = None, undirected: Optional[bool] = None,
+                 feature_dtype: str = "float32", meta_dict: Optional[dict] = None) -> None:
+        from .base import data_root
+
+        self.name, self.meta = name, dict(meta_dict) if meta_dict is not None else ogb_meta(name)
+        self.data_folder = data_root(root)
+        self.raw_root = self.data_folder / self.meta["download_name"] if meta_dict is None \
+            else Path(self.meta.get("dir_path", self.data_folder / name))
+        self.undirected, self.feature_dtype = undirected, np.dtype(feature_dtype)
+        store_path = Path(store) if store is not None else self.data_folder / "stores" / name
+        super().__init__(str(store_path), batch_size, eval_batch_size, seed, num_workers, fanout, evaluation,
+                         scratch_dir)
+
+    def prepare_data(self) -> None:
+        from .prepare import prepare_store_once
+
+        prepare_store_once(self.path, lambda path: write_store_from_ogb(
+            self.name, path, root=self.raw_root, meta_dict=self.meta, undirected=self.undirected,
+            feature_dtype=self.feature_dtype, overwrite=True))
+
+    @property
+    def store(self):
+        """The converted store; converted first when it is not there yet (its sizes are what the model is
+        built from, before Lightning calls ``prepare_data``; the lock makes concurrent calls safe)."""
+        if self._store is None and not (self.path / "meta.json").is_file():
+            self.prepare_data()
+        return super().store
+
+    @property
+    def metric(self) -> str:
+        """OGB's Evaluator for listed datasets; the same rules (accuracy, ROC-AUC over tasks) otherwise."""
+        listed = self.name in _master_table().columns
+        if listed:
+            return f"ogb:{self.name}"
+        return "rocauc" if self.meta.get("eval metric") == "rocauc" else "accuracy"
+
+    def describe(self):
+        described = super().describe()
+        described["dataset"] = f"{type(self).__name__}:{self.name}"
+        return described
+
+
+def _master_table() -> pd.DataFrame:
+    import ogb.nodeproppred
+
+    return pd.read_csv(Path(ogb.nodeproppred.__file__).parent / "master.csv", index_col=0, keep_default_na=False)

@@ -25,36 +25,59 @@ TemporalName = Literal["chickenpox", "england_covid", "wikivital_mathematics"]
 def _require(raw: dict, keys, source: str) -> None:
     for key in keys:
         if key not in raw:
-            raise ValueError(f"{source}: key {key!r} is missing (it has {sorted(raw)}); expected a PyTorch "
+            keys_found = sorted(map(str, raw))
+            shown = ", ".join(keys_found[:8]) + (", ..." if len(keys_found) > 8 else "")
+            raise ValueError(f"{source}: key {key!r} is missing (it has {shown}); expected a PyTorch "
                              f"Geometric Temporal JSON file")
+
+
+def _zscore(values: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """PyG-Temporal's standardisation per node, in float64 as numpy computes it: ``(y - mean) / (std +
+    epsilon)`` with the population standard deviation (``np.std``, ddof 0)."""
+    values = values.double()
+    return ((values - values.mean(dim=0)) / (values.std(dim=0, unbiased=False) + epsilon)).float()
 
 
 def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[Data]:
     """Snapshots ``Data(x [N, lags], y [N], edge_index, edge_weight)`` from a parsed file.
 
-    Two layouts: a static graph (``edges``, optional ``weights``, and ``FX`` [T, N]: chickenpox)
-    or a graph per day (``edge_mapping``, ``time_periods``, ``y`` [T, N]: england_covid, whose
-    values are z-scored per node as PyG-Temporal does).
+    Three layouts, read as PyTorch Geometric Temporal's loaders read them:
+
+    * a static graph with the series in ``FX`` [T, N] (``edges``, optional ``weights``: chickenpox);
+    * a graph per day (``edge_mapping``, ``time_periods``, ``y`` [T, N]: england_covid), values z-scored per
+      node as ``EnglandCovidDatasetLoader`` does (``np.std``, plus 1e-10);
+    * a static weighted graph with each step's values under its own key (``edges``, ``weights``,
+      ``time_periods``, ``"<t>": {"y": [N]}``: wikivital_mathematics), z-scored per node as
+      ``WikiMathsDatasetLoader`` does (``np.std``, no epsilon).
     """
     if "edge_mapping" in raw:
         _require(raw, ("time_periods", "y"), source)
         _require(raw["edge_mapping"], ("edge_index", "edge_weight"), f"{source} edge_mapping")
-        values = torch.tensor(raw["y"], dtype=torch.float32)
-        values = (values - values.mean(dim=0)) / (values.std(dim=0) + 1e-10)
+        values = _zscore(torch.tensor(raw["y"], dtype=torch.float64), 1e-10)
         graphs = [(torch.tensor(raw["edge_mapping"]["edge_index"][str(t)]).t(),
                    torch.tensor(raw["edge_mapping"]["edge_weight"][str(t)], dtype=torch.float32))
                   for t in range(values.size(0))]
-    else:
-        _require(raw, ("edges", "FX"), source)
+    elif "FX" in raw:
+        _require(raw, ("edges",), source)
         values = torch.tensor(raw["FX"], dtype=torch.float32)
-        edges = torch.tensor(raw["edges"]).t()
-        weights = torch.tensor(raw["weights"], dtype=torch.float32) if "weights" in raw else torch.ones(edges.size(1))
-        graphs = [(edges, weights)] * values.size(0)
+        graphs = [_static_graph(raw)] * values.size(0)
+    else:
+        _require(raw, ("edges", "weights", "time_periods"), source)
+        steps = int(raw["time_periods"])
+        _require(raw, [str(t) for t in range(steps)], source)
+        values = _zscore(torch.tensor([raw[str(t)]["y"] for t in range(steps)], dtype=torch.float64), 0.0)
+        graphs = [_static_graph(raw)] * steps
     steps = values.size(0)
     if not 1 <= lags < steps:
         raise ValueError(f"{source}: lags must be in [1, {steps - 1}] (the series has {steps} time steps), got {lags}")
     return [Data(x=values[t:t + lags].t().contiguous(), y=values[t + lags], edge_index=graphs[t][0].long(),
                  edge_weight=graphs[t][1]) for t in range(steps - lags)]
+
+
+def _static_graph(raw: dict):
+    edges = torch.tensor(raw["edges"]).t()
+    weights = torch.tensor(raw["weights"], dtype=torch.float32) if "weights" in raw else torch.ones(edges.size(1))
+    return edges, weights
 
 
 def chronological_split(snapshots: List[Data], train: float = 0.2, val: float = 0.2) -> Dict[str, List[Data]]:
@@ -77,6 +100,7 @@ class TemporalDataModule(GraphDataModule):
     task_family = "regression"
     num_outputs = 1
     task = "regression"
+    metric = "mse"
 
     def __init__(self, name: TemporalName = "chickenpox", lags: Optional[int] = None, snapshots_per_batch: int = 8,
                  root: Optional[str] = None) -> None:

@@ -92,6 +92,11 @@ class DataContract(Protocol):
         """``'multiclass'``, ``'multilabel'`` or ``'regression'``."""
 
     @property
+    def metric(self) -> str:
+        """The metric the literature reports for this data (``NodeClassifier(metric='auto')`` uses it):
+        ``'accuracy'``, ``'rocauc'``, ``'ogb:<name>'`` (OGB's Evaluator) or ``'mse'``."""
+
+    @property
     def num_nodes(self) -> int:
         """The rows of a prediction (nodes of the graph or store)."""
 
