@@ -14,6 +14,7 @@ under ``logs/``, checkpoints under ``checkpoints/`` (``last.ckpt`` and the best;
 """
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
-from difformer_lightning.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_file
 from difformer_lightning.contracts import check_data_module
 
 RUNS = "runs"
@@ -49,6 +50,8 @@ class DIFFormerCLI(LightningCLI):
         # Everything here is checked or decided before any data is loaded or a process started.
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        for key, value in getattr(self, "_explicit_optimizer", {}).items():
+            config.model.init_args[key] = value
         if trainer.default_root_dir == RUNS and config.get("config"):
             trainer.default_root_dir = str(Path(RUNS) / Path(str(config.config[-1])).stem)
         if config.checkpoint.dirpath is None:
@@ -65,6 +68,16 @@ class DIFFormerCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        # With an explicit --ckpt_path FILE, LightningCLI then replaces the model's settings by the file's;
+        # optimiser settings given on this command line (a lower --model.lr after a divergence) win again in
+        # before_instantiate_classes.
+        given = [str(arg).split("=", 1)[0] for arg in (args if args is not None else sys.argv[1:])]
+        subcommand = self.config.get("subcommand")
+        self._explicit_optimizer = {}
+        if subcommand:
+            for key in OPTIMIZER_OPTIONS:
+                if f"--model.{key}" in given or f"--model.init_args.{key}" in given:
+                    self._explicit_optimizer[key] = self.config[subcommand].model.init_args[key]
         # Before LightningCLI reads the model's hyperparameters from an explicit checkpoint file
         # (they then replace the configured ones), so a bad file fails here with a clear message.
         subcommand = self.config.get("subcommand")

@@ -8,6 +8,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from difformer_lightning.checkpoint import CheckpointError
 from difformer_lightning.encoder_module import EncoderModule
 from difformer_lightning.io import publish, staging_path
 
@@ -45,6 +46,19 @@ class Checkpoint(ModelCheckpoint):
         self.step_interval, self.time_interval = every_n_train_steps or 0, train_time_interval
         self.epoch_interval = every_n_epochs
         self._last_saved_step, self._last_time, self._best_saved_step = -1, time.monotonic(), -1
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:  # found now, not when the first save fails an epoch later
+            folder = Path(self.dirpath)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = staging_path(folder / LAST)
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise CheckpointError(f"the checkpoint folder {folder} is not writable ({error.strerror}): pass a "
+                                      f"writable --checkpoint.dirpath or --trainer.default_root_dir") from error
 
     def _path(self, name: str) -> Path:
         return Path(self.dirpath) / name

@@ -3,6 +3,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class NonFiniteError(FloatingPointError):
@@ -14,7 +15,29 @@ class NonFiniteGuard(pl.Callback):
     the optimiser applies it: the weights and every checkpoint written so far stay finite, and
     the message names the step and the last good checkpoint to resume from. Under DDP the ranks
     agree first (a NaN on one rank stops all of them), so none is left waiting.
+
+    A loss that explodes without becoming NaN (an epoch's training loss above ``explosion`` times the
+    lowest so far) is reported with a warning naming both values and the usual remedy.
     """
+
+    def __init__(self, explosion: float = 1e3) -> None:
+        if explosion <= 1:
+            raise ValueError(f"explosion must be > 1 (a factor over the lowest epoch loss), got {explosion}")
+        self.explosion = explosion
+        self._lowest: Optional[float] = None
+        self._warned = False
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        value = trainer.callback_metrics.get("train/loss", trainer.callback_metrics.get("train/mse"))
+        if value is None or not torch.isfinite(value):
+            return
+        value = float(value)
+        if self._lowest is not None and value > self.explosion * max(self._lowest, 1e-12) and not self._warned:
+            self._warned = True
+            rank_zero_warn(f"the training loss rose from {self._lowest:.4g} to {value:.4g} by epoch "
+                           f"{trainer.current_epoch}: training is diverging. Usual remedies: a lower learning rate "
+                           f"(--model.lr, also when resuming), gradient clipping (--trainer.gradient_clip_val)")
+        self._lowest = value if self._lowest is None else min(self._lowest, value)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._bad_loss: Optional[float] = None

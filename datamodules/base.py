@@ -11,7 +11,7 @@ from torch_geometric.data import Data
 
 from difformer_lightning.contracts import SPLITS
 
-from .validation import check_finite_features, check_labels, check_split_sizes
+from .validation import FEATURE_LIMIT, check_finite_features, check_labels, check_split_sizes, feature_limit
 
 if TYPE_CHECKING:
     from difformer_lightning.contracts import ExactEvaluationPlan
@@ -150,7 +150,9 @@ class NodeDataModule(ClassificationTargets, GraphDataModule):
         return self.data.num_nodes
 
     def setup(self, stage: str) -> None:
-        self.data  # noqa: B018  loads and validates before any training work
+        data = self.data  # loads and validates before any training work
+        if self.trainer is not None and feature_limit(self.trainer.precision) < FEATURE_LIMIT:
+            check_finite_features(data.x, 0, "data.x", limit=feature_limit(self.trainer.precision))
 
     def describe(self) -> Dict[str, object]:
         """What a checkpoint records about this data, to refuse resuming on other data."""
@@ -220,6 +222,11 @@ def validate_node_data(data: Data, num_classes: Optional[int] = None, multilabel
                              f"{None if mask is None else f'{mask.dtype} {tuple(mask.shape)}'}")
         masks[split] = mask
     check_split_sizes({split: int(mask.sum()) for split, mask in masks.items()}, "data")
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = (masks[first] & masks[second]).nonzero().flatten()
+        if both.numel():
+            raise ValueError(f"data: {both.numel()} nodes are in both the {first} and the {second} split (first: node "
+                             f"{int(both[0])}); every node belongs to at most one split")
     for split, mask in masks.items():
         nodes = mask.nonzero().flatten()
         check_labels(y[nodes], nodes, split, num_classes, multilabel, "data.y")

@@ -53,11 +53,17 @@ def _read_csv(path: Path) -> Tensor:
     if not rows:
         raise ValueError(f"{path} holds no rows")
     width = len(rows[0])
+    values = []
     for line, row in enumerate(rows, start=1):
         if len(row) != width:
             raise ValueError(f"{path}: data row {line} has {len(row)} values, the first has {width}; every row "
                              f"needs the same number of columns")
-    values = [[float(cell) if cell.strip() else float("nan") for cell in row] for row in rows]
+        try:
+            values.append([float(cell) if cell.strip() else float("nan") for cell in row])
+        except ValueError:
+            column = next(i for i, cell in enumerate(row) if cell.strip() and not _numeric([cell]))
+            raise ValueError(f"{path}: data row {line}, column {column + 1} holds {row[column]!r}, not a number; "
+                             f"every cell must be numeric (an empty cell is read as missing)") from None
     return torch.tensor(values).squeeze(1) if width == 1 else torch.tensor(values)
 
 

@@ -18,7 +18,8 @@ from difformer_lightning.contracts import ExactEvaluationPlan, NodeRows
 
 from .base import ClassificationTargets, GraphDataModule
 from .csr import NodeBitmap, induced_subgraph, sample_neighbors
-from .store import SPLIT_CODES, GraphStore
+from .store import SPLIT_CODES, GraphStore, check_feature_range
+from .validation import FEATURE_LIMIT, feature_limit
 
 
 class BatchBuilder(Dataset):
@@ -240,6 +241,10 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         super().__init__()
         if fanout < 0:
             raise ValueError(f"fanout must be >= 0 (0: random partition), got {fanout}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: batches built in this process), got {num_workers}")
+        if not exact_budget_flops > 0:
+            raise ValueError(f"exact_budget_flops must be > 0, got {exact_budget_flops}")
         if evaluation not in (None, "exact", "partition"):
             raise ValueError(f"unknown evaluation {evaluation!r}: choose 'exact' or 'partition' (or leave it unset: "
                              f"exact wherever the kernel allows it)")
@@ -309,7 +314,10 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         return min(self.store.num_nodes, max(self.batch_size, self.eval_batch_size) * (1 + self.fanout))
 
     def setup(self, stage: str) -> None:
-        self.store  # noqa: B018  opens and validates before any training work
+        store = self.store  # opens and validates before any training work
+        limit = feature_limit(self.trainer.precision) if self.trainer is not None else FEATURE_LIMIT
+        if limit < FEATURE_LIMIT:  # a float16 run: its smaller range
+            check_feature_range(store, limit)
 
     def describe(self) -> Dict[str, object]:
         """What a checkpoint records about this data, to refuse resuming on other data."""

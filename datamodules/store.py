@@ -14,8 +14,9 @@ A store is a directory of ``.npy`` arrays and a ``meta.json``:
 
 Arrays are opened with ``numpy.load(mmap_mode="c")``: nothing is copied into process memory,
 and all processes on a machine (DDP ranks, DataLoader workers) share one copy in the page
-cache. Writers build the directory under a temporary name and rename it when complete, so an
-interrupted conversion never leaves a store that opens.
+cache. Writers build the directory under a temporary name and rename it when complete (replacing a
+store swaps the directories atomically), so an interrupted conversion never leaves a store that opens
+and the path always holds a complete store.
 """
 import json
 import os
@@ -30,8 +31,10 @@ from torch import Tensor
 
 from difformer_lightning.contracts import SPLITS
 
+from difformer_lightning.io import atomic_file
+
 from .csr import write_csr
-from .validation import check_finite_features, check_labels, check_split_sizes
+from .validation import FEATURE_LIMIT, check_finite_features, check_labels, check_split_sizes
 
 FORMAT = "difformer-graph-store"
 VERSION = 1
@@ -97,19 +100,59 @@ class GraphStore:
     def open(cls, path: Union[str, Path], validate: bool = True) -> "GraphStore":
         """Maps the store at ``path``; with ``validate``, checks it (see :func:`validate_store`)."""
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise StoreError(f"no graph store at {path} (missing meta.json); build one with "
-                             f"datamodules.store.write_store or a converter")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise StoreError(f"{path} is not a version-{VERSION} {FORMAT} (meta says format={meta.get('format')!r}, "
-                             f"version={meta.get('version')!r})")
+        meta = read_meta(path)
         arrays = {name: _map_array(path, name, spec) for name, spec in meta["arrays"].items()}
         store = cls(path=path, meta=meta, **{name: torch.from_numpy(a) for name, a in arrays.items()})
         if validate:
             validate_store(store)
         return store
+
+
+WRITERS = ("datamodules.store.write_store_from_data, datamodules.synthetic.write_synthetic_store or "
+           "datamodules.ogb.write_store_from_ogb")
+META_KEYS = ("format", "version", "num_nodes", "num_edges", "num_features", "num_classes", "multilabel", "arrays")
+REQUIRED_ARRAYS = ("rowptr", "col", "x", "y", "split", "train_idx", "val_idx", "test_idx")
+# The dtypes the format allows for each array (the module docstring).
+FORMAT_DTYPES = {"rowptr": ("int64",), "col": ("int32", "int64"), "x": ("float16", "float32"),
+                 "y": ("int32", "int64", "uint8"), "split": ("uint8",), "train_idx": ("int64",),
+                 "val_idx": ("int64",), "test_idx": ("int64",), "edge_weight": ("float32",)}
+
+
+def read_meta(path: Path) -> dict:
+    """``meta.json`` of the store at ``path``, checked against the format: a ``StoreError`` names the file and
+    the missing or wrong key (or the JSON error's position in a file cut short)."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise StoreError(f"no graph store at {path} (missing meta.json); build one with {WRITERS}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(f"{meta_path} is not valid JSON ({error}): the file is cut short or damaged; rebuild the "
+                         f"store") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path} holds a {type(meta).__name__}, not an object; rebuild the store")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise StoreError(f"{meta_path} lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; rebuild "
+                         f"the store")
+    if meta["format"] != FORMAT or meta["version"] != VERSION:
+        raise StoreError(f"{path} is not a version-{VERSION} {FORMAT} (meta says format={meta['format']!r}, "
+                         f"version={meta['version']!r})")
+    arrays = meta["arrays"]
+    lacking = [name for name in REQUIRED_ARRAYS if name not in arrays]
+    unknown = [name for name in arrays if name not in FORMAT_DTYPES]
+    if lacking or unknown:
+        raise StoreError(f"{meta_path}: 'arrays' " + (f"lacks {', '.join(lacking)}" if lacking else "")
+                         + ("; " if lacking and unknown else "") + (f"names unknown arrays {', '.join(unknown)}"
+                                                                    if unknown else ""))
+    for name, spec in arrays.items():
+        for key in ("dtype", "shape", "bytes"):
+            if key not in spec:
+                raise StoreError(f"{meta_path}: arrays.{name} lacks the key {key!r}; rebuild the store")
+        if spec["dtype"] not in FORMAT_DTYPES[name]:
+            raise StoreError(f"{path / (name + '.npy')} holds {spec['dtype']}, but the store format stores {name} as "
+                             f"{' or '.join(FORMAT_DTYPES[name])}; rebuild the store with {WRITERS}")
+    return meta
 
 
 def _map_array(path: Path, name: str, spec: dict) -> np.ndarray:
@@ -193,29 +236,48 @@ def _validate_nodes(store: GraphStore) -> None:
             nodes = index[start:start + _CHECK_CHUNK]
             check_labels(store.y[nodes], nodes, split, None if store.multilabel else store.num_classes,
                          store.multilabel, str(store.path / "y.npy"), StoreError)
-    if "finite_features" not in store.meta.get("checked", ()):
-        rows = max(1, _CHECK_CHUNK // max(store.num_features, 1))
-        for start in range(0, store.num_nodes, rows):
-            check_finite_features(store.x[start:start + rows], start, str(store.path / "x.npy"), StoreError)
+    check_feature_range(store, FEATURE_LIMIT)
+
+
+def check_feature_range(store: GraphStore, limit: float) -> None:
+    """Finite features within ``limit`` (:func:`datamodules.validation.feature_limit`): from what the writer
+    recorded (``checked``, ``largest_feature`` in meta.json), else read in chunks."""
+    where = str(store.path / "x.npy")
+    recorded = store.meta.get("largest_feature")
+    if "finite_features" in store.meta.get("checked", ()) and recorded is not None:
+        value, node, feature = recorded
+        if value > limit:
+            check_finite_features(store.x[node:node + 1], node, where, StoreError, limit)
+        return
+    rows = max(1, _CHECK_CHUNK // max(store.num_features, 1))
+    for start in range(0, store.num_nodes, rows):
+        check_finite_features(store.x[start:start + rows], start, where, StoreError, limit)
 
 
 class StoreWriter:
-    """Builds a store in ``<path>.tmp-<pid>`` and renames it to ``path`` on :meth:`commit`.
+    """Builds a store in ``.<name>.tmp-<pid>`` beside ``path`` and moves it to ``path`` on :meth:`commit`.
 
     Arrays are created as memory-mapped ``.npy`` files (:meth:`create`) and filled in chunks
     by the caller, so no array needs to fit in memory. Use as a context manager: an
     exception discards the temporary directory and leaves any existing store untouched.
+    Replacing a store swaps the two directories in one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), so
+    ``path`` always holds a complete store, the old or the new; where the system lacks the call, the old
+    store is renamed aside first and an error in between names both folders. Leftovers of killed writers
+    (their process gone) are removed.
     """
 
     def __init__(self, path: Union[str, Path], overwrite: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_writers(self.path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp.mkdir()
         self.arrays: Dict[str, np.ndarray] = {}
         self.checked: set = set()  # what the writers verified while writing (meta.json's "checked")
+        self.largest_feature: Optional[list] = None
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -250,32 +312,79 @@ class StoreWriter:
         meta = {"format": FORMAT, "version": VERSION, "num_nodes": int(x.shape[0]), "num_edges": int(col.shape[0]),
                 "num_features": int(x.shape[1]), "num_classes": int(num_classes), "multilabel": bool(multilabel),
                 "checked": sorted(self.checked), "arrays": specs, **extra}
-        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if self.largest_feature is not None:
+            meta["largest_feature"] = self.largest_feature
+        with atomic_file(self.tmp / "meta.json", "w") as handle:  # written last: its presence marks completeness
+            handle.write(json.dumps(meta, indent=2) + "\n")
         self.arrays.clear()
-        if self.path.exists():
-            old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
-            self.path.rename(old)
+        if not self.path.exists():
             self.tmp.rename(self.path)
-            shutil.rmtree(old)
+        elif _exchange(self.tmp, self.path):
+            shutil.rmtree(self.tmp)  # now the old store
         else:
-            self.tmp.rename(self.path)
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            self.path.rename(old)
+            try:
+                self.tmp.rename(self.path)
+            except OSError as error:
+                raise StoreError(f"could not move the new store {self.tmp} to {self.path} ({error}); the previous store "
+                                 f"is at {old}: rename it back, or retry the write") from error
+            shutil.rmtree(old)
         return self.path
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    return result == 0
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Removes ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders whose writer process no longer runs."""
+    for leftover in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not (kind.endswith(".tmp") or kind.endswith(".old")) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            alive = int(pid) != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: int, num_features: int,
                 feature_dtype, y: np.ndarray, splits: Dict[str, np.ndarray]) -> None:
     """Writes features (streamed), labels and splits (index arrays plus the per-node code)."""
     x = writer.create("x", (num_nodes, num_features), feature_dtype)
-    start = 0
+    start, largest = 0, [0.0, 0, 0]
     for chunk in x_chunks:
         x[start:start + len(chunk)] = chunk
         # as stored: a value too large for float16 becomes inf here
-        check_finite_features(torch.from_numpy(np.asarray(x[start:start + len(chunk)])), start,
-                              f"{writer.path} (features)", StoreError)
+        stored = torch.from_numpy(np.asarray(x[start:start + len(chunk)]))
+        check_finite_features(stored, start, f"{writer.path} (features)", StoreError, limit=float("inf"))
+        if stored.numel():
+            position = int(stored.abs().argmax())
+            value = float(stored.abs().flatten()[position])
+            if value > largest[0]:
+                largest = [value, start + position // num_features, position % num_features]
         start += len(chunk)
     if start != num_nodes:
         raise StoreError(f"feature chunks gave {start} rows for {num_nodes} nodes")
     writer.checked.add("finite_features")
+    writer.largest_feature = largest  # meta.json: [|value|, node, feature], for the precision check at open
     writer.put("y", y)
     code = writer.create("split", (num_nodes,), np.uint8)
     code[:] = 0
@@ -289,9 +398,12 @@ def write_store_from_data(data, path: Union[str, Path], num_classes: Optional[in
                           feature_dtype=np.float32, chunk_edges: int = 1 << 22, overwrite: bool = False) -> Path:
     """Converts a PyG ``Data`` (as validated by ``NodeDataModule``) into a store at ``path``: every edge
     as given (duplicates, self loops, direction) with its ``edge_weight`` when the data has one."""
-    from .base import infer_num_classes
+    from .base import infer_num_classes, validate_node_data
 
     multilabel = data.y.dim() == 2
+    # what the store cannot hold faithfully is refused here, naming the node: nodes in two splits, edge ids
+    # outside [0, N), labels out of range, non-finite features
+    validate_node_data(data, num_classes, multilabel)
     num_nodes = data.num_nodes
     edge_index = data.edge_index.numpy()
     edge_weight = data.get("edge_weight")

@@ -67,9 +67,21 @@ def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[
         _require(raw, [str(t) for t in range(steps)], source)
         values = _zscore(torch.tensor([raw[str(t)]["y"] for t in range(steps)], dtype=torch.float64), 0.0)
         graphs = [_static_graph(raw)] * steps
-    steps = values.size(0)
+    steps, num_nodes = values.size(0), values.size(1)
     if not 1 <= lags < steps:
         raise ValueError(f"{source}: lags must be in [1, {steps - 1}] (the series has {steps} time steps), got {lags}")
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel():
+        step, node = (int(v) for v in bad[0])
+        raise ValueError(f"{source}: the value of node {node} at time step {step} is {float(values[step, node])} "
+                         f"(NaN or infinite; {bad.size(0)} such values); impute or drop them before training")
+    for step, (edges, weights) in enumerate(graphs[:steps]):
+        if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= num_nodes):
+            position = int(((edges < 0) | (edges >= num_nodes)).any(dim=0).nonzero()[0])
+            raise ValueError(f"{source}: edge {position} of time step {step} is {edges[:, position].tolist()}, but "
+                             f"the series has {num_nodes} nodes (ids 0..{num_nodes - 1})")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"{source}: time step {step} has a NaN or infinite edge weight")
     return [Data(x=values[t:t + lags].t().contiguous(), y=values[t + lags], edge_index=graphs[t][0].long(),
                  edge_weight=graphs[t][1]) for t in range(steps - lags)]
 
@@ -128,7 +140,11 @@ class TemporalDataModule(GraphDataModule):
         if self._splits is None:
             if not self.path.is_file():
                 self.prepare_data()
-            raw = json.loads(self.path.read_text())
+            try:
+                raw = json.loads(self.path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path}: not valid JSON at line {error.lineno}, column {error.colno} "
+                                 f"({error.msg}); the file is cut short or damaged: download it again") from None
             self._splits = chronological_split(snapshots_from_json(raw, self.lags, str(self.path)))
         return self._splits
 

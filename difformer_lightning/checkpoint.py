@@ -1,4 +1,6 @@
 """Checkpoints that survive a kill mid-write, name what does not match, and resume exactly."""
+import errno
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -6,7 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .io import atomic_file
@@ -27,11 +29,23 @@ def check_checkpoint_file(path) -> None:
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .ckpt file, or 'last' to resume "
                               f"from the newest last.ckpt of the run's checkpoint folder")
     try:
-        with zipfile.ZipFile(path):
-            pass
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({error}): a write cut short "
                               f"(a kill, a full disk) leaves such a file. Resume from an earlier checkpoint.") from None
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl among "
+                              f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); pass a .ckpt file that "
+                              f"train.py (or Lightning) wrote")
+
+
+def check_checkpoint_content(checkpoint: Any, path) -> None:
+    """Raises :class:`CheckpointError` unless ``checkpoint`` (loaded from ``path``) is a Lightning checkpoint."""
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        what = sorted(checkpoint)[:5] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project (it holds {what}, no "
+                              f"'state_dict'); pass a .ckpt file that train.py (or Lightning) wrote")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,14 +63,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(path) as handle:
-            torch.save(checkpoint, handle)
+        try:
+            with atomic_file(path) as handle:
+                torch.save(checkpoint, handle)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:  # the temporary file is gone; the previous checkpoint is intact
+                raise OSError(errno.ENOSPC, f"No space left on device (ENOSPC) writing {path}; the previous "
+                                            f"checkpoint there is intact. Free space, then resume") from error
+            raise
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
-        if "://" not in str(path):
-            check_checkpoint_file(path)
-        return super().load_checkpoint(path, map_location, weights_only)
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_checkpoint_file(path)
+        try:
+            checkpoint = super().load_checkpoint(path, map_location, weights_only)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+            raise CheckpointError(f"{path} could not be read as a checkpoint ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from error
+        check_checkpoint_content(checkpoint, path)
+        return checkpoint
 
 
 # What a data module's describe() must match for saved weights to apply at all, and what must
@@ -65,6 +92,9 @@ DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_class
 DATA_TRAINING = ("batch_size", "seed", "fanout")
 # Model arguments that do not change results: a checkpoint resumes whatever they were.
 RUNTIME_OPTIONS = {"_instantiator", "compile_encoder"}
+# Optimiser settings that may change when a fit resumes (a lower learning rate after a divergence, as
+# NonFiniteGuard advises): the change is reported, not refused; EncoderModule applies it to the optimiser.
+OPTIMIZER_OPTIONS = {"lr", "weight_decay"}
 
 
 def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
@@ -111,7 +141,10 @@ def _hparam_differences(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any
                   for key, value in values.items() if isinstance(value, nn.Module)}
     # Not compared: options that do not change results, and the module's class path when the
     # checkpoint predates saving it (train.py took only NodeClassifier then).
-    ignored = RUNTIME_OPTIONS | ({"_class_path"} if "_class_path" not in saved else set())
+    ignored = RUNTIME_OPTIONS | OPTIMIZER_OPTIONS | ({"_class_path"} if "_class_path" not in saved else set())
+    for key in sorted(OPTIMIZER_OPTIONS):
+        if key in saved and key in current and saved[key] != current[key]:
+            rank_zero_info(f"model.{key} changes from {saved[key]!r} (the checkpoint's) to {current[key]!r}")
     keys = sorted(key for key in (saved.keys() | current.keys()) - ignored if not key.startswith(tuple(as_objects)))
     if not fitting:
         keys = [key for key in keys if key.startswith("encoder.")]

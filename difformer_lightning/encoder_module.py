@@ -1,8 +1,10 @@
 """What every LightningModule around a DIFFormer encoder shares."""
+import math
 import warnings
 from typing import Dict, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -41,6 +43,10 @@ class EncoderModule(pl.LightningModule):
     def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
                  compile_encoder: bool = False) -> None:
         super().__init__()
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 10):
+            raise ValueError(f"lr must be in (0, 10], got {lr}")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
         with warnings.catch_warnings():
             # Keeping the encoder in hparams is deliberate: under LightningCLI it is saved as its
             # class path and arguments, so load_from_checkpoint rebuilds it without extra arguments.
@@ -192,6 +198,16 @@ class EncoderModule(pl.LightningModule):
         check_compatible(checkpoint, self.hparams, self.state_dict(), data, fitting)
         if fitting and "rng_states" in checkpoint:
             restore_rng_state(checkpoint["rng_states"], self.global_rank, self.device)
+
+    def on_train_start(self) -> None:
+        # A resumed fit restores the optimiser's state, its learning rate and weight decay included; the
+        # run's own settings win (a lower learning rate after a divergence), and the change is said.
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key in ("lr", "weight_decay"):
+                    if group[key] != self.hparams[key]:
+                        rank_zero_info(f"optimizer {key}: {group[key]} (restored) -> {self.hparams[key]} (this run)")
+                        group[key] = self.hparams[key]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -10,6 +10,18 @@ from .conv import DIFFormerConv, Kernel
 from .graph import NormalizedGraph, accumulation_dtype
 
 
+def check_edge_ids(edge_index: Tensor, num_nodes: int) -> None:
+    """Raises a ``ValueError`` when ``edge_index`` ``[2, E]`` holds a node id outside ``[0, num_nodes)`` (a
+    sparse product would drop such an edge without a word), naming the smallest and largest id."""
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"edge_index must be [2, num_edges], got {tuple(edge_index.shape)}")
+    if edge_index.numel():
+        low, high = int(edge_index.min()), int(edge_index.max())
+        if low < 0 or high >= num_nodes:
+            raise ValueError(f"edge_index holds node ids from {low} to {high}, but x has {num_nodes} rows (ids must "
+                             f"be in [0, {num_nodes}))")
+
+
 class DIFFormer(nn.Module):
     r"""DIFFormer (Wu et al., ICLR 2023), as the reference code computes it.
 
@@ -32,9 +44,18 @@ class DIFFormer(nn.Module):
                  use_weight: bool = True, qk_norm: QKNorm = "frobenius", sigmoid_block_bytes: int = 2**30) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
-                            ("out_channels", out_channels), ("num_layers", num_layers), ("num_heads", num_heads)):
+                            ("out_channels", out_channels), ("num_layers", num_layers), ("num_heads", num_heads),
+                            ("sigmoid_block_bytes", sigmoid_block_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, value, low, high, closed in (("alpha", alpha, 0.0, 1.0, True), ("dropout", dropout, 0.0, 1.0, False)):
+            if not (low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"{name} must be in [{low}, {high}{']' if closed else ')'}, got {value}"
+                                 + (" (the step h <- (1 - alpha) h + alpha update is a convex combination)"
+                                    if name == "alpha" else ""))
+        if graph_weight > 1:
+            raise ValueError(f"graph_weight must be <= 1 (in (0, 1]: the graph term's share; <= 0: a plain sum), "
+                             f"got {graph_weight}")
         self.alpha, self.dropout, self.use_residual = alpha, dropout, use_residual
         self.lin_in = nn.Linear(in_channels, hidden_channels)
         self.norm_in = nn.LayerNorm(hidden_channels) if use_bn else nn.Identity()
@@ -78,6 +99,7 @@ class DIFFormer(nn.Module):
             if edge_index is None:
                 raise ValueError("this DIFFormer uses the graph (use_graph=True or kernel 'gcn'/'gat') but no "
                                  "edge_index was given; pass one, or build the model with use_graph=False")
+            check_edge_ids(edge_index, x.size(0))
             graph = NormalizedGraph.build(edge_index, edge_weight, x.size(0), accumulation_dtype(x.dtype))
         states = [self.encode(x)]
         for layer, conv in enumerate(self.convs):

@@ -1,7 +1,6 @@
 """Datasets by name: OGB (CSV and binary layouts, the lock, the Evaluator), PyG's classes on the real files,
 LINKX .mat files, PyG-Temporal's layouts and standardisation, and metrics equal to their evaluators."""
 import json
-import os
 import shutil
 import subprocess
 import sys
