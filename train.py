@@ -1,33 +1,44 @@
 """Command line: ``python train.py {fit,validate,test,predict} --config configs/X.yaml``.
 
 A LightningCLI over a model (:class:`NodeClassifier` unless the config's ``model.class_path``
-names another, such as :class:`NodeRegressor`) and any LightningDataModule that exposes
-``num_features``, ``num_outputs`` and ``task`` (every module in ``datamodules``). The encoder's
-input and output sizes and the task come from the data, so a config only chooses the dataset,
-the encoder's hyperparameters and the Trainer's options.
+names another, such as :class:`NodeRegressor`) and any LightningDataModule that meets the data
+contract (:class:`difformer_lightning.contracts.DataContract`; every module in ``datamodules``). The
+encoder's input and output sizes and the task come from the data, so a config only chooses the
+dataset, the encoder's hyperparameters and the Trainer's options. A class of the user's own
+(``data.class_path: my_data.MyData``) imports from the folder ``train.py`` is run from.
 
-A run lives in ``runs/<config name>/`` (``--trainer.default_root_dir`` moves it): CSV logs
-under ``logs/``, checkpoints under ``checkpoints/`` (``last.ckpt`` and the best; options under
-``--checkpoint.*``), so ``fit --ckpt_path last`` resumes an interrupted run exactly.
-``predict --ckpt_path P`` writes ``predictions/logits.npy`` (``--predictions.embeddings true`` adds
-``embeddings.npy``; :class:`callbacks.PredictionWriter`).
+One run, one folder: ``fit`` writes into the first free one of ``runs/<config name>``,
+``runs/<config name>-2``, ... (``--trainer.default_root_dir`` chooses it), with the run's model, data and
+seed settings in ``run.yaml``, CSV logs under ``logs/`` and checkpoints under ``checkpoints/``:
+``last.ckpt`` (that run's newest state) and ``best.ckpt`` (its best validation; options under
+``--checkpoint.*``). ``fit --ckpt_path last`` resumes the newest run with the same settings exactly.
+``test``, ``validate`` and ``predict`` use the newest run with the same settings and, by default, its
+``best.ckpt`` (``--ckpt_path best``), saying which file and epoch they evaluate; ``--ckpt_path last`` or a
+file chooses another. ``predict`` writes ``predictions/logits.npy`` (``--predictions.embeddings true``
+adds ``embeddings.npy``; :class:`callbacks.PredictionWriter`).
 """
 import importlib
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
+from callbacks.checkpoint import BEST
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
 from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_file
 from difformer_lightning.contracts import check_data_module
+from difformer_lightning.io import atomic_file
 
 RUNS = "runs"
 # ckpt_path values Lightning resolves itself ("last": newest last*.ckpt in the checkpoint folder,
@@ -52,8 +63,12 @@ class DIFFormerCLI(LightningCLI):
         trainer = config.trainer
         for key, value in getattr(self, "_explicit_optimizer", {}).items():
             config.model.init_args[key] = value
-        if trainer.default_root_dir == RUNS and config.get("config"):
-            trainer.default_root_dir = str(Path(RUNS) / Path(str(config.config[-1])).stem)
+        if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
+            name = Path(str(config.config[-1])).stem if config.get("config") else "run"
+            trainer.default_root_dir = str(run_folder(Path(RUNS) / name, run_settings(config), self.subcommand,
+                                                      config.get("ckpt_path")))
+        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in (None, "best"):
+            config.ckpt_path = str(best_checkpoint(Path(trainer.default_root_dir)))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if trainer.logger is None or trainer.logger is True:
@@ -126,6 +141,69 @@ def check_devices(accelerator, devices) -> None:
                        f"share the cores (correct, but each runs slower)")
 
 
+SETTINGS = "run.yaml"  # a run folder's model, data and seed settings
+RUN_DIR_ENV = "DIFFORMER_RUN_DIR"  # "<pid>:<folder>": the folder rank 0 chose, for the ranks it starts
+
+
+def run_settings(config) -> str:
+    """What defines a run (model, data, seed; not the Trainer's options such as max_epochs), as YAML."""
+    settings = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+    as_dicts = {key: value.as_dict() if hasattr(value, "as_dict") else value for key, value in settings.items()}
+    return yaml.safe_dump(as_dicts, sort_keys=True)
+
+
+def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: Optional[str]) -> Path:
+    """The run folder of a ``train.py`` call whose folder the user did not choose.
+
+    ``fit`` starts a new run in the first free one of ``base``, ``base-2``, ``base-3``, ... (a rerun with other
+    settings never mixes its checkpoints or logs with an earlier run's); ``fit --ckpt_path last`` continues
+    the newest folder of this preset with the same model, data and seed (a requeued job), and an explicit
+    checkpoint file its own run's folder. ``test``/``predict``/``validate`` use the newest folder with the same
+    settings (or the checkpoint's). DDP ranks started by Lightning inherit rank 0's choice; processes started
+    all at once by torchrun or SLURM cannot agree on a new folder, so they use ``base`` itself (or pass
+    ``--trainer.default_root_dir``)."""
+    parent, _, chosen = os.environ.get(RUN_DIR_ENV, "").partition(":")
+    if chosen and parent == str(os.getppid()):  # a DDP rank Lightning started: rank 0's folder
+        return Path(chosen)
+    if any(os.environ.get(variable) for variable in ("SLURM_PROCID", "TORCHELASTIC_RUN_ID")):
+        return base
+    candidates = [base] + [base.with_name(f"{base.name}-{index}") for index in range(2, 1000)]
+    existing = [folder for folder in candidates if folder.exists()]
+    same = [folder for folder in existing if (folder / SETTINGS).is_file() and (folder / SETTINGS).read_text() == settings]
+    if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+        owner = Path(ckpt_path).resolve().parent.parent
+        folder = next((f for f in existing if f.resolve() == owner), owner if subcommand != "fit" else None)
+        if folder is not None:
+            os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder}"
+            return folder
+    if subcommand == "fit" and ckpt_path != "last" or (subcommand == "fit" and not same):
+        folder = next(folder for folder in candidates if not folder.exists())
+        folder.mkdir(parents=True)
+        with atomic_file(folder / SETTINGS, "w") as handle:
+            handle.write(settings)
+    elif same or existing:
+        folder = (same or existing)[-1]
+    else:
+        folder = base
+    os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder}"  # the DDP ranks Lightning starts use the same folder
+    return folder
+
+
+def best_checkpoint(run: Path) -> Path:
+    """``best.ckpt`` of the run folder ``run`` (the default of ``test`` and ``predict``), said with its epoch."""
+    path = run / "checkpoints" / BEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {BEST} in {run / 'checkpoints'}: that run has validated no epoch yet (or is "
+                                f"another preset's). Pass --ckpt_path last, or the path of a checkpoint")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        rank_zero_info(f"evaluating {path} (epoch {saved.get('epoch')}, global step {saved.get('global_step')}, the "
+                       f"run's best validation)")
+    except Exception:  # noqa: BLE001  reported properly when Lightning loads it
+        pass
+    return path
+
+
 def check_model_for_data(model_path: str, data_path: str) -> None:
     """Raises before any data is loaded: a ``TypeError`` naming what a data module class lacks of the data
     contract, a ``ValueError`` when a regression data module is given a classifier or the reverse
@@ -144,12 +222,45 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+class ShortErrorParser(LightningArgumentParser):
+    """Reports a bad argument in a few lines (the reason first, and how to fix a class path that does not
+    import), not after the whole usage text."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> None:
+        hint = ""
+        if "No module named" in message or "import" in message.lower():
+            hint = ("\nA class of your own (data.class_path: my_data.MyData) must be importable: run train.py from the "
+                    "folder that holds my_data.py, or add that folder to PYTHONPATH.")
+        sys.stderr.write(f"train.py: error: {message.strip()}{hint}\n(python train.py --help lists the options)\n")
+        raise SystemExit(2)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silences what Lightning and jsonargparse print on every run that is not about the run: the
+    advertisements for litlogger/litmodels, and deprecation warnings raised inside their own code (their
+    fix belongs to them; nothing a user of this project can act on)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"(?s).*skip_none parameter was deprecated",
+                    r"(?s).*``instantiate_classes`` was deprecated", r"(?s).*By default only one JsonargparseDeprecation"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(args=None, **kwargs) -> DIFFormerCLI:
     # Runs write under ./runs (logs, checkpoints, the resolved config.yaml), never into the
     # source tree; a rerun overwrites the config it saved rather than refusing to start.
     keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in every step
+    quiet_lightning()
+    if os.getcwd() not in sys.path:  # a data module beside the config (my_data.MyData) imports
+        sys.path.insert(0, os.getcwd())
     kwargs.setdefault("trainer_defaults", {"default_root_dir": RUNS})
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault("parser_class", ShortErrorParser)
     return DIFFormerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                         args=args, **kwargs)
 

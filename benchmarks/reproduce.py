@@ -12,6 +12,7 @@ published over several splits. Any further arguments go to ``train.py fit`` unch
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,9 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--tra
 
 
 def train_once(config: str, seed: int, extra: list) -> tuple:
-    cli = train_main(["fit", "--config", config, "--seed_everything", str(seed), *QUIET, *extra],
-                     save_config_callback=None)
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as folder:  # no run folder under runs/ per run
+        cli = train_main(["fit", "--config", config, "--seed_everything", str(seed), *QUIET,
+                          "--trainer.default_root_dir", folder, *extra], save_config_callback=None)
     model = cli.model
     return model.metric_name, 100.0 * float(model.test_at_best_val), 100.0 * float(model.best_val)
 

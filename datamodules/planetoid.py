@@ -1,4 +1,5 @@
 """Cora, CiteSeer and PubMed with the reference's protocol."""
+from pathlib import Path
 from typing import Literal, Optional
 
 from torch_geometric.data import Data
@@ -23,7 +24,7 @@ class PlanetoidDataModule(NodeDataModule):
     with ``split_seed`` 123 and shared by all runs. ``split='public'`` is Planetoid's
     fixed split. Features are row-normalised; the graph is made undirected and its self
     loops removed (the model adds one per node). Files are read from
-    ``ROOT/<name>/raw`` and downloaded there when missing.
+    ``ROOT/planetoid/<name>/raw`` and downloaded there when missing.
     """
 
     def __init__(self, name: Literal["Cora", "CiteSeer", "PubMed"] = "Cora",
@@ -44,14 +45,22 @@ class PlanetoidDataModule(NodeDataModule):
     def prepare_data(self) -> None:
         self._dataset()
 
+    @property
+    def folder(self) -> Path:
+        """``<root>/planetoid`` (the layout every data module shares: one root serves every preset), or
+        ``<root>`` itself where an older layout put ``<root>/<name>/raw`` there."""
+        if (self.root / self.name / "raw").is_dir() and not (self.root / "planetoid").is_dir():
+            return self.root
+        return self.root / "planetoid"
+
     def _dataset(self) -> Planetoid:
         try:
-            return Planetoid(str(self.root), self.name, transform=NormalizeFeatures())
+            return Planetoid(str(self.folder), self.name, transform=NormalizeFeatures())
         except OSError as error:
             raise DatasetNotFoundError(
-                f"{self.name} is not under {self.root / self.name / 'raw'} and could not be downloaded ({error}). "
+                f"{self.name} is not under {self.folder / self.name / 'raw'} and could not be downloaded ({error}). "
                 f"Copy the Planetoid raw files (ind.{self.name.lower()}.x, ...) there, or point data.root or "
-                f"$DIFFORMER_DATA at a folder that has <name>/raw.") from error
+                f"$DIFFORMER_DATA at a folder that has planetoid/<name>/raw.") from error
 
     def load(self) -> Data:
         data = self._dataset()[0]

@@ -178,8 +178,10 @@ class EncoderModule(pl.LightningModule):
             self.best_val.fill_(val)
             self.test_at_best_val.fill_(test)
             self.best_step.fill_(self.global_step)
-        self.log("val/best", self.best_val)
-        self.log("test@best_val", self.test_at_best_val, prog_bar=True)
+        # equal on every rank (computed from synced metrics): "max" over ranks returns that value exactly,
+        # where the default mean could round it; syncing also keeps Lightning's DDP logging warning quiet
+        self.log("val/best", self.best_val, sync_dist=True, reduce_fx="max")
+        self.log("test@best_val", self.test_at_best_val, prog_bar=True, sync_dist=True, reduce_fx="max")
         return improved
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -12,7 +12,7 @@ from torch_geometric.data import Data
 
 from conftest import ROOT
 from datamodules import FeatureDataModule, GraphStore, NodeDataModule, RandomPartitionDataModule, StoreError
-from datamodules.store import StoreWriter, write_store_from_data
+from datamodules.store import write_store_from_data
 from datamodules.temporal import snapshots_from_json
 from datamodules.validation import check_finite_features, feature_limit
 from difformer_lightning import DIFFormer, NodeClassifier

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, scaled_timeout
 from datamodules import (FeatureDataModule, GraphStore, NodeDataModule, PlanetoidDataModule, RandomPartitionDataModule,
                          SyntheticCSBMDataModule, TemporalDataModule)
 from datamodules.partition import BatchBuilder, PartitionLoader, PartitionSampler
@@ -32,7 +32,7 @@ def test_a_data_module_missing_part_of_the_contract_is_named_before_any_data_is_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
                            "--data", "cli_helpers.IncompleteData", "--trainer.default_root_dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled_timeout(10))
     assert done.returncode != 0
     assert "lacks num_outputs" in done.stderr and "Epoch" not in done.stdout, done.stderr[-2000:]
 

@@ -228,10 +228,10 @@ def test_an_unsorted_batch_vector_is_refused():
 def test_graph_classification_example_runs_as_written():
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+
+    from conftest import ROOT as root, scaled_timeout
     result = subprocess.run([sys.executable, "examples/graph_classification.py"], cwd=root, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=scaled_timeout(15))
     assert result.returncode == 0, result.stderr[-2000:]
     accuracy = float(result.stdout.split("test accuracy")[1].split()[0])
     assert accuracy > 0.5  # 4 classes: chance 0.25

@@ -13,7 +13,7 @@ import torch
 from torch_geometric.data import Data
 from torch_geometric.utils import add_remaining_self_loops
 
-from conftest import logged_epochs
+from conftest import logged_epochs, scaled_timeout
 from datamodules import GraphStore, RandomPartitionDataModule
 from datamodules.store import write_store_from_data
 from datamodules.synthetic import write_synthetic_store
@@ -144,7 +144,7 @@ def test_any_number_of_ranks_gives_bitwise_the_same_states(awkward, tmp_path):
     for world in (1, 2, 4):
         done = subprocess.run([sys.executable, str(ROOT / "tests" / "exact_ranks.py"), str(store.path),
                                str(tmp_path / f"world{world}"), str(world), "10", *kernels], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120 + 60 * world)
+                              capture_output=True, text=True, timeout=scaled_timeout(15 * world))
         assert done.returncode == 0, done.stderr[-3000:]
     for kernel in kernels:
         one = np.load(tmp_path / f"world1-{kernel}.npy")
@@ -186,7 +186,7 @@ def run_cli(subcommand: str, *args, run_dir: Path, ranks: int = 1):
            if ranks > 1 else [])
     command = [sys.executable, str(ROOT / "train.py"), subcommand, *args, *ddp, "--trainer.default_root_dir",
                str(run_dir), "--trainer.enable_progress_bar", "false"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 * ranks)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled_timeout(20 * ranks))
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, scaled_timeout
 from difformer_lightning import NormalizedGraph, linear_attention
 from difformer_lightning.fused import fused_linear_diffusion
 
@@ -99,7 +99,7 @@ def test_freed_memory_is_reused_without_page_faults():
     def run(setting):
         env = {**os.environ, "DIFFORMER_KEEP_FREED_MEMORY": setting}
         out = subprocess.run([sys.executable, "-c", FAULTS], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=120)
+                             timeout=scaled_timeout(15))
         assert out.returncode == 0, out.stderr[-2000:]
         kept, faults = out.stdout.split()
         return kept == "True", int(faults)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import logged_epochs
+from conftest import logged_epochs, scaled_timeout
 from datamodules.partition import BatchBuilder, PartitionSampler
 from datamodules.synthetic import write_synthetic_store
 from difformer_lightning import NodeClassifier
@@ -46,7 +46,7 @@ def train(*args, run_dir: Path, **popen):
     command = [sys.executable, str(ROOT / "train.py"), "fit", *args, "--trainer.default_root_dir", str(run_dir)]
     if popen:
         return subprocess.Popen(command, cwd=ROOT, env=env, **popen)
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled_timeout(40))
 
 
 def last_epoch_metrics(run_dir: Path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch_geometric.datasets import Planetoid
 
-from conftest import SHARED_DATA
+from conftest import data_folder
 from datamodules import DatasetNotFoundError, GraphStore
 from datamodules.ogb import ogb_meta, write_store_from_ogb
 
@@ -33,11 +33,11 @@ def write_splits(root, folder, splits):
 
 
 def test_ogb_format_cora_matches_planetoid(tmp_path, planetoid_root):
-    root = shutil.copytree(SHARED_DATA / "ogb_format" / "ogbn_cora", tmp_path / "ogbn_cora")
+    root = shutil.copytree(data_folder("ogb_format") / "ogbn_cora", tmp_path / "ogbn_cora")
     meta = json.loads((root / "meta_dict.json").read_text())
     store = GraphStore.open(write_store_from_ogb("ogbn-cora", tmp_path / "store", root=root, meta_dict=meta,
                                                  chunk=100_000))  # 69 feature rows a chunk
-    cora = Planetoid(str(planetoid_root), "Cora")[0]
+    cora = Planetoid(str(planetoid_root / "planetoid"), "Cora")[0]
     assert (store.num_nodes, store.num_edges, store.num_features, store.num_classes) == (2708, 10556, 1433, 7)
     assert torch.equal(store.x.float(), cora.x) and torch.equal(store.y.long(), cora.y)
     assert edge_set(store) == sorted(map(tuple, cora.edge_index.t().tolist()))

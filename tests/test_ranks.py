@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from conftest import ROOT, logged_epochs
+from conftest import ROOT, logged_epochs, scaled_timeout
 from datamodules import GraphStore
 from datamodules.partition import BatchBuilder, PartitionSampler
 from datamodules.store import write_store_from_data
@@ -82,7 +82,7 @@ def test_every_rank_count_and_size_finishes_and_logs_the_single_process_numbers(
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config),
                            "--trainer.default_root_dir", str(run_dir)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120 * case["ranks"])  # a hang ends here, as a failure
+                          text=True, timeout=scaled_timeout(15 * case["ranks"]))  # a hang ends here, as a failure
     assert done.returncode == 0, done.stderr[-3000:]
     logged = logged_epochs(run_dir)
     last = logged[max(logged)]

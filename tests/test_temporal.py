@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, data_folder, data_root
 from lightning.pytorch.callbacks import EarlyStopping
 
 from datamodules import TemporalDataModule
@@ -59,10 +59,8 @@ def test_all_pairs_error_is_the_reference_broadcast():
 
 def test_chickenpox_trains_below_the_variance_in_batches_of_snapshots():
     import lightning.pytorch as pl
-    source = SHARED_DATA / "temporal" / "chickenpox.json"
-    if not source.is_file():
-        pytest.fail(f"test data not found at {source}: set DIFFORMER_TEST_DATA")
-    datamodule = TemporalDataModule("chickenpox", root=str(SHARED_DATA), snapshots_per_batch=8)  # reads only
+    source = data_folder("temporal") / "chickenpox.json"
+    datamodule = TemporalDataModule("chickenpox", root=str(data_root("temporal")), snapshots_per_batch=8)  # reads only
     torch.manual_seed(0)
     module = NodeRegressor(DIFFormer(4, 4, 1, num_layers=2, use_graph=True), lr=1e-2)
     trainer = pl.Trainer(max_epochs=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -84,7 +82,7 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                                                        ("chickenpox_a_graph", "sigmoid", True)])
 def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_graph):
     from train import main
-    cli = main(["fit", "--config", str(ROOT / "configs" / f"{preset}.yaml"), "--data.init_args.root", str(SHARED_DATA),
+    cli = main(["fit", "--config", str(ROOT / "configs" / f"{preset}.yaml"), "--data.init_args.root", str(data_root("temporal")),
                 "--trainer.max_epochs", "20", *QUIET], save_config_callback=None)
     model = cli.config.fit.model.init_args
     encoder = model.encoder.init_args
@@ -117,7 +115,7 @@ def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args
 
 def test_a_temporal_checkpoint_resumed_on_other_temporal_data_lists_the_differences(tmp_path):
     from train import main
-    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(SHARED_DATA),
+    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(data_root("temporal")),
               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path)]
     main(["fit", *common, "--trainer.max_epochs", "2"], save_config_callback=None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import ROOT
+from conftest import ROOT, scaled_timeout
 from datamodules import SyntheticCSBMDataModule
 from difformer_lightning import DIFFormer, NodeClassifier
 
@@ -52,9 +52,9 @@ def test_logged_accuracy_and_test_at_best_val_match_a_hand_computation(tmp_path)
     assert float(rows[-1]["test@best_val"]) == pytest.approx(recorder.history[best_epoch]["test"])
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=None):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout or scaled_timeout(30))
 
 
 def test_default_job_learns_far_above_chance():
@@ -73,14 +73,14 @@ def test_default_job_learns_far_above_chance():
 ])
 def test_cli_rejects_bad_choices_before_training(args, message):
     config = "configs/cora_s.yaml"
-    result = run_cli("fit", "--config", config, *args, timeout=120)
+    result = run_cli("fit", "--config", config, *args, timeout=scaled_timeout(20))
     assert result.returncode != 0
     assert message in result.stderr and "Epoch" not in result.stderr + result.stdout
 
 
 def test_cli_size_guard_for_difformer_a_fires_before_training(planetoid_root):
     result = run_cli("fit", "--config", "configs/cora_a.yaml", "--data.init_args.root", str(planetoid_root),
-                     "--model.encoder.init_args.sigmoid_block_bytes", "1000", timeout=120)
+                     "--model.encoder.init_args.sigmoid_block_bytes", "1000", timeout=scaled_timeout(20))
     assert result.returncode != 0
     assert "DIFFormer-a (kernel='sigmoid') needs" in result.stderr
     assert "Epoch 0" not in result.stderr + result.stdout

@@ -1,0 +1,65 @@
+"""One run, one folder (train.py): a rerun with other settings never shares the first run's folder, and
+``test`` evaluates the selected run's best-validation weights by default."""
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, logged_epochs, scaled_timeout
+
+CONFIG = str(ROOT / "configs" / "synthetic.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def train_py(cwd, *args):
+    """``python train.py ARGS`` from ``cwd`` (runs go to ``cwd/runs``, as from a clone)."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=scaled_timeout(30))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_fits_of_one_preset_get_two_folders_and_test_evaluates_the_selected_best(tmp_path):
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "12", *QUIET)
+    first = tmp_path / "runs" / "synthetic"
+    first_last = digest(first / "checkpoints" / "last.ckpt")
+    other = ["--model.encoder.init_args.num_layers", "1", "--model.lr", "0.02"]  # peaks near epoch 23 of 40
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "40", *other, *QUIET)
+    second = tmp_path / "runs" / "synthetic-2"
+
+    # the second run wrote nothing into the first one's folder
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert digest(first / "checkpoints" / "last.ckpt") == first_last
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+    logged = logged_epochs(second)
+    last_epoch = max(logged)
+    best_val = logged[last_epoch]["val/best"]
+    best_epoch = min(epoch for epoch, row in logged.items() if row.get("val/acc") == best_val)
+    test_at_best_val = logged[last_epoch]["test@best_val"]
+
+    output = train_py(tmp_path, "test", "--config", CONFIG, *other, "--trainer.logger", "false", *QUIET)
+    assert f"evaluating {Path('runs', 'synthetic-2', 'checkpoints', 'best.ckpt')} (epoch {best_epoch}," in output, output[-2000:]
+    assert best_epoch < last_epoch  # the best is not the last state: test did not evaluate last.ckpt
+    reported = float(re.search(r"test/acc\s+│?\s*([0-9.]+)", output).group(1))
+    assert reported == pytest.approx(test_at_best_val, abs=1e-6)
+
+    # the first run's settings select the first run
+    output = train_py(tmp_path, "test", "--config", CONFIG, "--trainer.logger", "false", *QUIET)
+    assert f"evaluating {Path('runs', 'synthetic', 'checkpoints', 'best.ckpt')}" in output
+    assert float(re.search(r"test/acc\s+│?\s*([0-9.]+)", output).group(1)) == pytest.approx(
+        logged_epochs(first)[max(logged_epochs(first))]["test@best_val"], abs=1e-6)
+
+
+def test_a_resumed_fit_continues_its_own_folder(tmp_path):
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "3", *QUIET)
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "5", "--ckpt_path", "last", *QUIET)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["synthetic"]
+    assert max(logged_epochs(tmp_path / "runs" / "synthetic")) == 4
