@@ -20,6 +20,7 @@ adds ``embeddings.npy``; :class:`callbacks.PredictionWriter`).
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -227,11 +228,18 @@ class ShortErrorParser(LightningArgumentParser):
     import), not after the whole usage text."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> None:
+        message = str(message).strip()
+        # jsonargparse lists every Union member it tried before the reason a class path failed; say the reason
+        key = re.search(r'Parser key "([^"]+)"', message)
+        failed = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
         hint = ""
-        if "No module named" in message or "import" in message.lower():
-            hint = ("\nA class of your own (data.class_path: my_data.MyData) must be importable: run train.py from the "
-                    "folder that holds my_data.py, or add that folder to PYTHONPATH.")
-        sys.stderr.write(f"train.py: error: {message.strip()}{hint}\n(python train.py --help lists the options)\n")
+        if failed:
+            message = (f"{'--' + key.group(1) + ': ' if key else ''}cannot use {failed.group(1)}: "
+                       f"{failed.group(2).strip()}")
+            if "No module named" in failed.group(2):
+                hint = ("\nA class of your own (--data my_data.MyData) must be importable: run train.py from the "
+                        "folder that holds my_data.py, or add that folder to PYTHONPATH.")
+        sys.stderr.write(f"train.py: error: {message}{hint}\n(python train.py --help lists the options)\n")
         raise SystemExit(2)
 
 

@@ -63,3 +63,45 @@ def test_a_resumed_fit_continues_its_own_folder(tmp_path):
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "5", "--ckpt_path", "last", *QUIET)
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["synthetic"]
     assert max(logged_epochs(tmp_path / "runs" / "synthetic")) == 4
+
+
+MY_DATA = '''
+import torch
+from torch_geometric.data import Data
+
+from datamodules import NodeDataModule
+
+
+class MyData(NodeDataModule):
+    """Two classes told apart by the first feature, on a ring."""
+
+    def load(self):
+        generator = torch.Generator().manual_seed(0)
+        y = torch.arange(200) % 2
+        x = torch.randn(200, 8, generator=generator)
+        x[:, 0] += 3 * y
+        ring = torch.arange(200)
+        edge_index = torch.stack([ring, (ring + 1) % 200])
+        masks = [torch.zeros(200, dtype=torch.bool) for _ in range(3)]
+        for mask, part in zip(masks, (slice(0, 100), slice(100, 150), slice(150, 200))):
+            mask[part] = True
+        return Data(x=x, y=y, edge_index=edge_index, train_mask=masks[0], val_mask=masks[1], test_mask=masks[2])
+'''
+
+
+def test_a_data_module_of_ones_own_from_the_readme_recipe(tmp_path):
+    """README: with my_data.py in the folder you run from, `--data my_data.MyData` is all it takes."""
+    (tmp_path / "my_data.py").write_text(MY_DATA)
+    output = train_py(tmp_path, "fit", "--config", CONFIG, "--data", "my_data.MyData", "--trainer.max_epochs", "30",
+                      *QUIET)
+    logged = logged_epochs(tmp_path / "runs" / "synthetic")
+    assert logged[max(logged)]["test@best_val"] > 0.9, output[-2000:]  # chance: 0.5
+
+
+def test_a_class_that_does_not_import_is_reported_in_a_few_lines(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data",
+                             "my_dta.MyData"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(20))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 6 and "my_dta" in lines[0] and "PYTHONPATH" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
