@@ -164,7 +164,9 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
     all at once by torchrun or SLURM cannot agree on a new folder, so they use ``base`` itself (or pass
     ``--trainer.default_root_dir``)."""
     parent, _, chosen = os.environ.get(RUN_DIR_ENV, "").partition(":")
-    if chosen and parent == str(os.getppid()):  # a DDP rank Lightning started: rank 0's folder
+    # a DDP rank Lightning started (LOCAL_RANK >= 1, a child of rank 0): rank 0's folder. Any other process
+    # that inherits the variable (a program that called main() and then runs train.py) chooses its own.
+    if chosen and parent == str(os.getppid()) and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(chosen)
     if any(os.environ.get(variable) for variable in ("SLURM_PROCID", "TORCHELASTIC_RUN_ID")):
         return base
@@ -175,7 +177,7 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         owner = Path(ckpt_path).resolve().parent.parent
         folder = next((f for f in existing if f.resolve() == owner), owner if subcommand != "fit" else None)
         if folder is not None:
-            os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder}"
+            os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"
             return folder
     if subcommand == "fit" and ckpt_path != "last" or (subcommand == "fit" and not same):
         folder = next(folder for folder in candidates if not folder.exists())
@@ -186,7 +188,7 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         folder = (same or existing)[-1]
     else:
         folder = base
-    os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder}"  # the DDP ranks Lightning starts use the same folder
+    os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"  # the DDP ranks Lightning starts use the same folder
     return folder
 
 
@@ -236,9 +238,15 @@ class ShortErrorParser(LightningArgumentParser):
         if failed:
             message = (f"{'--' + key.group(1) + ': ' if key else ''}cannot use {failed.group(1)}: "
                        f"{failed.group(2).strip()}")
-            if "No module named" in failed.group(2):
+            missing = re.search(r"No module named '([^']+)'", failed.group(2))
+            top = failed.group(1).split(".")[0]
+            if missing and missing.group(1).split(".")[0] == top:  # the class path's own module is not found
                 hint = ("\nA class of your own (--data my_data.MyData) must be importable: run train.py from the "
                         "folder that holds my_data.py, or add that folder to PYTHONPATH.")
+            elif missing:  # the module was found, but a package it imports is not installed
+                hint = (f"\n{failed.group(1).rsplit('.', 1)[0]} was found but imports {missing.group(1)!r}, "
+                        "which is not installed in this environment: install it (pip install ...) or remove the "
+                        "import.")
         sys.stderr.write(f"train.py: error: {message}{hint}\n(python train.py --help lists the options)\n")
         raise SystemExit(2)
 

@@ -61,12 +61,14 @@ def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[
         _require(raw, ("edges",), source)
         values = torch.tensor(raw["FX"], dtype=torch.float32)
         graphs = [_static_graph(raw)] * values.size(0)
-    else:
-        _require(raw, ("edges", "weights", "time_periods"), source)
+    elif "time_periods" in raw:
+        _require(raw, ("edges", "weights"), source)
         steps = int(raw["time_periods"])
         _require(raw, [str(t) for t in range(steps)], source)
         values = _zscore(torch.tensor([raw[str(t)]["y"] for t in range(steps)], dtype=torch.float64), 0.0)
         graphs = [_static_graph(raw)] * steps
+    else:  # none of the three: name the series key of the simplest layout, and the others
+        _require(raw, ("FX",), source + " (layouts: FX with edges; edge_mapping with y; time_periods with '<t>' keys)")
     steps, num_nodes = values.size(0), values.size(1)
     if not 1 <= lags < steps:
         raise ValueError(f"{source}: lags must be in [1, {steps - 1}] (the series has {steps} time steps), got {lags}")

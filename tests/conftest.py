@@ -49,7 +49,48 @@ def _fetch_pyg(folder: Path, dataset: str, names) -> None:
         getattr(datasets, dataset)(str(folder), **({"name": name} if name else {}))
 
 
-# folder: (a file that shows the folder is complete, how the project's loaders fetch it, or None)
+def _derive_ogb_cora(folder: Path) -> None:
+    """Planetoid's Cora written in OGB's raw CSV layout (as ``shared/data/ogb_format`` holds it): each
+    undirected edge once, headerless gzipped CSV files, the Planetoid split under ``split/planetoid``. Written
+    with numpy alone, not with the project's code, so the OGB reader is checked against an independent file."""
+    import json
+    import tempfile
+
+    import numpy as np
+    from torch_geometric.datasets import Planetoid
+    with tempfile.TemporaryDirectory() as scratch:  # Planetoid writes processed/ beside raw/
+        shutil.copytree(data_folder("planetoid") / "Cora", Path(scratch) / "Cora")
+        cora = Planetoid(scratch, "Cora")[0]
+    source, target = cora.edge_index.numpy()
+    edges = np.stack([source, target], 1)[source < target]
+    target_folder = folder / "ogbn_cora"
+    partial = folder / "ogbn_cora.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "raw").mkdir(parents=True)
+    (partial / "split" / "planetoid").mkdir(parents=True)
+
+    def write(name: str, rows, fmt: str) -> None:
+        np.savetxt(partial / name, np.asarray(rows), fmt=fmt, delimiter=",")  # .gz: numpy compresses
+
+    write("raw/edge.csv.gz", edges, "%d")
+    write("raw/node-feat.csv.gz", cora.x.numpy(), "%.1f")
+    write("raw/node-label.csv.gz", cora.y.numpy()[:, None], "%d")
+    write("raw/num-node-list.csv.gz", [[cora.num_nodes]], "%d")
+    write("raw/num-edge-list.csv.gz", [[len(edges)]], "%d")
+    for split, mask in (("train", cora.train_mask), ("valid", cora.val_mask), ("test", cora.test_mask)):
+        write(f"split/planetoid/{split}.csv.gz", mask.nonzero().numpy(), "%d")
+    meta = {"dir_path": "<set to a writable copy of this folder>", "download_name": "ogbn_cora", "version": 1,
+            "url": "none (offline)", "add_inverse_edge": "True", "has_node_attr": "True", "has_edge_attr": "False",
+            "split": "planetoid", "additional node files": "None", "additional edge files": "None",
+            "is hetero": "False", "binary": "False", "num tasks": 1, "num classes": 7,
+            "task type": "multiclass classification", "eval metric": "acc"}
+    (partial / "meta_dict.json").write_text(json.dumps(meta, indent=2))
+    (partial / "RELEASE_v1.txt").write_text("derived from Planetoid Cora by tests/conftest.py\n")
+    shutil.rmtree(target_folder, ignore_errors=True)
+    partial.rename(target_folder)
+
+
+# folder: (a file that shows the folder is complete, how to fetch or derive it)
 DATASETS: Dict[str, tuple] = {
     "planetoid": ("CiteSeer/raw/ind.citeseer.graph", _fetch_planetoid),
     "temporal": ("england_covid.json", _fetch_temporal),
@@ -59,8 +100,8 @@ DATASETS: Dict[str, tuple] = {
     "webkb": ("wisconsin/raw/out1_graph_edges.txt", lambda f: _fetch_pyg(f, "WebKB", ["cornell", "texas", "wisconsin"])),
     "linkx": ("johnshopkins55/raw/data.mat",
               lambda f: _fetch_pyg(f, "LINKXDataset", ["reed98", "amherst41", "johnshopkins55"])),
-    # Planetoid's Cora rewritten in OGB's raw layout: derived, so nothing public to download
-    "ogb_format": ("ogbn_cora/meta_dict.json", None),
+    # Planetoid's Cora rewritten in OGB's raw layout: nothing public to download, derived from Planetoid
+    "ogb_format": ("ogbn_cora/meta_dict.json", _derive_ogb_cora),
 }
 _MISSING: Dict[str, str] = {}
 _FOUND: Dict[str, Path] = {}
@@ -86,9 +127,13 @@ def data_folder(name: str) -> Path:
                 return _FOUND[name]
         except Exception as error:  # noqa: BLE001  no network, a moved file: the dataset is missing
             _MISSING[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            shutil.rmtree(CACHE / name, ignore_errors=True)  # no half-fetched folder left for the next run
+        except (pytest.skip.Exception, pytest.fail.Exception):  # derived from a dataset that is missing
+            _MISSING[name] = "derived from a missing dataset"
+            shutil.rmtree(CACHE / name, ignore_errors=True)
         finally:
             socket.setdefaulttimeout(previous)
-    _MISSING.setdefault(name, "derived data, nothing to download" if fetch is None else "not downloaded")
+    _MISSING.setdefault(name, "not downloaded")
     message = f"dataset {name!r} not found ({_MISSING[name]}); see the summary line"
     if ON_CI:
         pytest.fail(f"{message} (CI=true: a missing dataset is an error)")
@@ -111,8 +156,9 @@ def _merged(names) -> Path:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if _MISSING:
+        outcome = "failed (CI=true)" if ON_CI else "skipped"
         terminalreporter.write_line(
-            f"datasets not found, tests needing them skipped: {', '.join(sorted(_MISSING))}. Provide them: set "
+            f"datasets not found, tests needing them {outcome}: {', '.join(sorted(_MISSING))}. Provide them: set "
             f"DIFFORMER_TEST_DATA to a folder laid out as shared/data (README, 'Tests'), or allow network access "
             f"(the first run downloads into {CACHE}); CI=true makes a missing dataset an error.", yellow=True)
 
@@ -161,3 +207,36 @@ def logged_epochs(run_dir: Path) -> dict:
     return values
 
 
+
+
+# --- the suite writes nothing into the checkout -----------------------------------------------------------
+
+_RUNS_BEFORE: Optional[set] = None
+
+
+def pytest_sessionstart(session) -> None:
+    global _RUNS_BEFORE
+    _RUNS_BEFORE = set((ROOT / "runs").iterdir()) if (ROOT / "runs").is_dir() else set()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A test that runs train.py without ``--trainer.default_root_dir`` leaves a run folder in the user's
+    checkout: that fails the session, naming the folders."""
+    if _RUNS_BEFORE is None or not (ROOT / "runs").is_dir():
+        return
+    left = sorted(str(path.relative_to(ROOT)) for path in set((ROOT / "runs").iterdir()) - _RUNS_BEFORE)
+    if left:
+        print(f"\ntests left run folders in the checkout: {', '.join(left)} (give each train.py run in a test "
+              "--trainer.default_root_dir under tmp_path)")
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def _own_run_folder_choice():
+    """train.py records the run folder it chose in the environment (for the DDP ranks it starts); a test that
+    calls ``main()`` in this process must not pass that choice on to the next test."""
+    before = os.environ.pop("DIFFORMER_RUN_DIR", None)
+    yield
+    os.environ.pop("DIFFORMER_RUN_DIR", None)
+    if before is not None:
+        os.environ["DIFFORMER_RUN_DIR"] = before

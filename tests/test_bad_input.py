@@ -253,7 +253,7 @@ def test_an_unwritable_checkpoint_folder_is_found_before_the_first_epoch(tmp_pat
     with pytest.raises(CheckpointError, match="is not writable"):
         main(["fit", "--config", str(ROOT / "configs" / "synthetic.yaml"), "--checkpoint.dirpath",
               str(blocker / "checkpoints"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--data.init_args.num_nodes", "600", "--data.init_args.num_val", "100", "--data.init_args.num_test",
+              "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.num_nodes", "600", "--data.init_args.num_val", "100", "--data.init_args.num_test",
               "200"], save_config_callback=None)
 
 

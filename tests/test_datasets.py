@@ -26,11 +26,14 @@ def shared(folder, *parts):
 
 
 @pytest.fixture
-def data_root(tmp_path):
-    """A writable copy of the PyG-layout folders of shared/data (PyG writes processed/ beside raw/)."""
-    for folder in ("heterophilous", "actor", "webkb", "linkx", "ogb_format"):
-        shutil.copytree(shared(folder), tmp_path / folder)
-    return tmp_path
+def copy_data(tmp_path):
+    """``copy_data(folder)``: a writable data root holding a copy of that dataset folder of shared/data (PyG
+    writes processed/ beside raw/); only the dataset a test uses is needed, so the others may be missing."""
+    def copy(folder: str):
+        if not (tmp_path / "data" / folder).exists():
+            shutil.copytree(shared(folder), tmp_path / "data" / folder)
+        return tmp_path / "data"
+    return copy
 
 
 # --- metrics against their reference evaluators --------------------------------------------------------
@@ -77,7 +80,8 @@ def cora_meta(root):
     return meta
 
 
-def test_ogb_data_module_trains_end_to_end_and_reports_ogbs_evaluator(data_root, tmp_path):
+def test_ogb_data_module_trains_end_to_end_and_reports_ogbs_evaluator(copy_data, tmp_path):
+    data_root = copy_data("ogb_format")
     # Cora in OGB's CSV layout, under OGB's name for a one-task accuracy dataset: the Evaluator path offline.
     module = OGBDataModule("ogbn-arxiv", root=str(tmp_path), meta_dict=cora_meta(data_root), batch_size=900,
                            num_workers=0)
@@ -102,7 +106,8 @@ def test_ogb_data_module_trains_end_to_end_and_reports_ogbs_evaluator(data_root,
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(expected, abs=1e-6)
 
 
-def test_two_processes_preparing_the_same_dataset_convert_it_once(data_root, tmp_path):
+def test_two_processes_preparing_the_same_dataset_convert_it_once(copy_data, tmp_path):
+    data_root = copy_data("ogb_format")
     script = f"""
 import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -144,11 +149,12 @@ def test_the_large_presets_resolve_offline():
 
 @pytest.mark.parametrize("dataset, name, nodes, splits", [("HeterophilousGraphDataset", "Minesweeper", 10000, 10),
                                                           ("Actor", None, 7600, 10), ("WebKB", "cornell", 183, 10)])
-def test_pyg_datasets_keep_their_own_preprocessing_and_split(data_root, dataset, name, nodes, splits):
+def test_pyg_datasets_keep_their_own_preprocessing_and_split(copy_data, dataset, name, nodes, splits):
     import torch_geometric.datasets as datasets
+    folder = {"HeterophilousGraphDataset": "heterophilous", "Actor": "actor", "WebKB": "webkb"}[dataset]
+    data_root = copy_data(folder)
     module = PyGDataModule(dataset, name, split=3, root=str(data_root))
     module.prepare_data()
-    folder = {"HeterophilousGraphDataset": "heterophilous", "Actor": "actor", "WebKB": "webkb"}[dataset]
     source = getattr(datasets, dataset)(str(data_root / folder), **({"name": name} if name else {}))[0]
     data = module.data
     assert data.num_nodes == nodes and module.num_splits == splits
@@ -163,7 +169,8 @@ def test_pyg_datasets_keep_their_own_preprocessing_and_split(data_root, dataset,
         PyGDataModule(dataset, name, split=splits, root=str(data_root)).data  # noqa: B018
 
 
-def test_linkx_facebook_graph_gets_the_reference_random_split_without_unknown_labels(data_root):
+def test_linkx_facebook_graph_gets_the_reference_random_split_without_unknown_labels(copy_data):
+    data_root = copy_data("linkx")
     module = PyGDataModule("LINKXDataset", "reed98", split=2, root=str(data_root))
     data = module.data
     labelled = data.y >= 0

@@ -227,7 +227,7 @@ def test_a_checkpoints_model_class_is_compared_when_it_was_saved():
 def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"weights": torch.ones(3)}, path)
+    io.save_checkpoint({"state_dict": {"weights": torch.ones(3)}}, path)
 
     def dies_half_way(obj, file, *args, **kwargs):
         file.write(b"PK\x03\x04 half a checkpoint")
@@ -235,9 +235,9 @@ def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"weights": torch.zeros(3)}, path)
+        io.save_checkpoint({"state_dict": {"weights": torch.zeros(3)}}, path)
     monkeypatch.undo()
-    assert torch.equal(io.load_checkpoint(path)["weights"], torch.ones(3))
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir() if "last" in p.name] == ["last.ckpt"]  # 'last' finds no partial
 
 

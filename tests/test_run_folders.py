@@ -105,3 +105,12 @@ def test_a_class_that_does_not_import_is_reported_in_a_few_lines(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) <= 6 and "my_dta" in lines[0] and "PYTHONPATH" in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_class_whose_own_import_fails_names_the_missing_package(tmp_path):
+    (tmp_path / "my_data.py").write_text("import a_package_nobody_installed\n" + MY_DATA)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data",
+                             "my_data.MyData"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(20))
+    assert result.returncode == 2
+    assert "my_data was found but imports 'a_package_nobody_installed'" in result.stderr, result.stderr
+    assert "PYTHONPATH" not in result.stderr  # the module itself was found: that advice would mislead

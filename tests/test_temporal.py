@@ -2,6 +2,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ def test_daily_graphs_and_per_node_zscores_like_pyg_temporal():
            "edge_mapping": {"edge_index": {str(t): [[0, 1]] * (t + 1) for t in range(4)},
                             "edge_weight": {str(t): [float(t)] * (t + 1) for t in range(4)}}}
     snapshots = snapshots_from_json(raw, lags=1)
-    values = torch.tensor(raw["y"])
-    z = (values - values.mean(0)) / (values.std(0) + 1e-10)
+    values = np.array(raw["y"])  # EnglandCovidDatasetLoader._get_targets_and_features, as written there
+    z = torch.tensor((values - np.mean(values, axis=0)) / (np.std(values, axis=0) + 10 ** -10), dtype=torch.float32)
     assert torch.allclose(snapshots[1].x.squeeze(1), z[1]) and torch.allclose(snapshots[1].y, z[2])
     assert snapshots[2].edge_index.size(1) == 3 and snapshots[2].edge_weight.tolist() == [2.0] * 3
 
@@ -80,10 +81,10 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                                                        ("chickenpox_s_graph", "simple", True),
                                                        ("chickenpox_a", "sigmoid", False),
                                                        ("chickenpox_a_graph", "sigmoid", True)])
-def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_graph):
+def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_graph, tmp_path):
     from train import main
     cli = main(["fit", "--config", str(ROOT / "configs" / f"{preset}.yaml"), "--data.init_args.root", str(data_root("temporal")),
-                "--trainer.max_epochs", "20", *QUIET], save_config_callback=None)
+                "--trainer.max_epochs", "20", "--trainer.default_root_dir", str(tmp_path), *QUIET], save_config_callback=None)
     model = cli.config.fit.model.init_args
     encoder = model.encoder.init_args
     assert isinstance(cli.model, NodeRegressor)
@@ -109,7 +110,8 @@ def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_
 def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args, message, tmp_path):
     from train import main
     with pytest.raises(ValueError, match=message):
-        main(["fit", *args, "--data.init_args.root", str(tmp_path / "nothing here"), *QUIET],
+        main(["fit", *args, "--data.init_args.root", str(tmp_path / "nothing here"),
+              "--trainer.default_root_dir", str(tmp_path), *QUIET],
              save_config_callback=None)
 
 

@@ -2,6 +2,7 @@
 import csv
 import subprocess
 import sys
+import tempfile
 
 import lightning.pytorch as pl
 import pytest
@@ -53,8 +54,10 @@ def test_logged_accuracy_and_test_at_best_val_match_a_hand_computation(tmp_path)
 
 
 def run_cli(*args, timeout=None):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout or scaled_timeout(30))
+    """train.py run as a user runs it, from the checkout, its run folder in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="run-") as folder:
+        return subprocess.run([sys.executable, "train.py", *args, "--trainer.default_root_dir", folder], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout or scaled_timeout(30))
 
 
 def test_default_job_learns_far_above_chance():
@@ -86,12 +89,13 @@ def test_cli_size_guard_for_difformer_a_fires_before_training(planetoid_root):
     assert "Epoch 0" not in result.stderr + result.stdout
 
 
-def test_cora_difformer_s_reaches_the_published_range(planetoid_root):
+def test_cora_difformer_s_reaches_the_published_range(planetoid_root, tmp_path):
     """One seed of the published Cora recipe (paper: 85.9 +- 0.4; benchmarks/reproduce.py: 5 seeds)."""
     from train import main
     cli = main(["fit", "--config", str(ROOT / "configs" / "cora_s.yaml"), "--data.init_args.root", str(planetoid_root),
                 "--seed_everything", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false"], save_config_callback=None)
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)],
+               save_config_callback=None)
     assert float(cli.model.test_at_best_val) >= 0.84
 
 
