@@ -234,7 +234,17 @@ class ShortErrorParser(LightningArgumentParser):
         # jsonargparse lists every Union member it tried before the reason a class path failed; say the reason
         key = re.search(r'Parser key "([^"]+)"', message)
         failed = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
+        bare = re.search(r"Expected a dot import path string: (\S+)", message)
         hint = ""
+        if bare and not failed:  # a class name alone that is none of the known data modules / models
+            message = (f"{'--' + key.group(1) + ': ' if key else ''}{bare.group(1)} is not a class this project "
+                       "knows: give its import path, module.Class")
+            import datamodules
+            own = sorted(name for name in datamodules.__all__ if isinstance(getattr(datamodules, name), type)
+                         and issubclass(getattr(datamodules, name), LightningDataModule)
+                         and name not in ("GraphDataModule", "NodeDataModule"))
+            hint = ("\n(--data my_data.MyData for a class in my_data.py in the folder you run from; this project's "
+                    f"data modules, usable by name: {', '.join(own)})")
         if failed:
             message = (f"{'--' + key.group(1) + ': ' if key else ''}cannot use {failed.group(1)}: "
                        f"{failed.group(2).strip()}")

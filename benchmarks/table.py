@@ -21,10 +21,10 @@ PUBLISHED = {"cora_s": "85.9 +- 0.4", "cora_a": "84.1 +- 0.6", "cora_gcn": "81.5
 # Platonov et al. 2023 (github.com/yandex-research/heterophilous-graphs, notebooks/results.ipynb). The Facebook100
 # graphs (reed98, amherst41, johnshopkins55): none found.
 PUBLISHED_SPLITS = {
-    "cornell": "GCN 60.54 +- 5.30, GAT 61.89, MLP 81.89",
-    "texas": "GCN 55.14 +- 5.16, GAT 52.16, MLP 80.81",
-    "wisconsin": "GCN 51.76 +- 3.06, GAT 49.41, MLP 85.29",
-    "actor": "GCN 27.32 +- 1.10, GAT 27.44, MLP 36.53",
+    "cornell": "GCN 60.54 +- 5.30, GAT 61.89 +- 5.05, MLP 81.89 +- 6.40",
+    "texas": "GCN 55.14 +- 5.16, GAT 52.16 +- 6.63, MLP 80.81 +- 4.75",
+    "wisconsin": "GCN 51.76 +- 3.06, GAT 49.41 +- 4.09, MLP 85.29 +- 3.31",
+    "actor": "GCN 27.32 +- 1.10, GAT 27.44 +- 0.89, MLP 36.53 +- 0.70",
     "minesweeper": "GCN 89.75 +- 0.52, GAT 92.01 +- 0.68, GT 91.85 +- 0.76, ResNet 50.89 +- 1.39",
 }
 MODELS = {"s": "DIFFormer-s", "a": "DIFFormer-a", "gcn": "GCN (DIFFormer recipe)"}

@@ -114,3 +114,13 @@ def test_a_class_whose_own_import_fails_names_the_missing_package(tmp_path):
     assert result.returncode == 2
     assert "my_data was found but imports 'a_package_nobody_installed'" in result.stderr, result.stderr
     assert "PYTHONPATH" not in result.stderr  # the module itself was found: that advice would mislead
+
+
+def test_a_bare_unknown_class_name_asks_for_its_import_path(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data", "MyData"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(20))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == ("train.py: error: --data: MyData is not a class this project knows: give its import path, "
+                        "module.Class"), result.stderr
+    assert "PlanetoidDataModule" in result.stderr and len(lines) <= 4
