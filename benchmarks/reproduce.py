@@ -4,7 +4,8 @@
     python benchmarks/reproduce.py --config configs/heterophily_s.yaml --splits 5 --out results/x.json \
         --data.init_args.dataset WebKB --data.init_args.name cornell
 
-Writes ``{"metric", "mean", "std", "runs", ...}`` (percent) and prints the same. ``--splits K`` runs the
+Writes ``{"metric", "mean", "std", "runs", "planned", ...}`` (percent) after every run, so a stopped benchmark
+keeps what it measured, and prints the same. ``--splits K`` runs the
 data module's splits 0..K-1 instead (run ``k``: ``--data.init_args.split k``, seed ``k``), for datasets
 published over several splits. Any further arguments go to ``train.py fit`` unchanged (for example
 ``--trainer.max_epochs 50``).
@@ -57,14 +58,20 @@ def main() -> None:
         vals.append(round(val, 2))
         label = f"split {seed}" if args.splits else f"seed {seed}"
         print(f"{label}: val {val:.2f}  test@best_val {test:.2f}  ({seconds[-1]:.0f} s)", flush=True)
-    std = statistics.stdev(runs) if len(runs) > 1 else 0.0
-    result = {"config": args.config, "metric": f"test {metric} at best validation (%)",
-              "mean": round(statistics.mean(runs), 2), "std": round(std, 2), "runs": runs, "val_runs": vals,
-              "seconds_per_run": round(statistics.mean(seconds), 1), "extra_args": extra,
-              "over": "splits" if args.splits else "seeds"}
-    write_json_atomic(args.out, result)
+        # written after every run: a long benchmark stopped part way keeps what it measured ("planned" says
+        # how many runs it was for; benchmarks/table.py marks such a file as incomplete)
+        result = summary(args, extra, metric, runs, vals, seconds, planned=count)
+        write_json_atomic(args.out, result)
     print(f"{args.config}: {result['metric']} = {result['mean']:.2f} +- {result['std']:.2f} over {count} runs "
           f"({result['seconds_per_run']:.0f} s/run) -> {args.out}")
+
+
+def summary(args, extra: list, metric: str, runs: list, vals: list, seconds: list, planned: int) -> dict:
+    std = statistics.stdev(runs) if len(runs) > 1 else 0.0
+    return {"config": args.config, "metric": f"test {metric} at best validation (%)",
+            "mean": round(statistics.mean(runs), 2), "std": round(std, 2), "runs": runs, "val_runs": vals,
+            "seconds_per_run": round(statistics.mean(seconds), 1), "extra_args": extra,
+            "over": "splits" if args.splits else "seeds", "planned": planned}
 
 
 if __name__ == "__main__":

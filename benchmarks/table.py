@@ -34,6 +34,13 @@ def cell(result: dict) -> str:
     return f"{result['mean']:.2f} +- {result['std']:.2f}"
 
 
+def done(result: dict) -> str:
+    """Nothing for a finished benchmark, " of N planned" for one stopped part way (reproduce.py writes the
+    file after every run)."""
+    planned = result.get("planned", len(result["runs"]))
+    return "" if planned <= len(result["runs"]) else f" of {planned} planned"
+
+
 def label(result: dict) -> str:
     """The preset and the options given beside it (a data root is where, not what: left out)."""
     extra, options = result.get("extra_args", []), []
@@ -49,7 +56,8 @@ def seeds_table(results: dict) -> None:
     for name, result in sorted(results.items(), key=lambda item: label(item[1])):
         runs = result["runs"]
         error = statistics.stdev(runs) / len(runs) ** 0.5 if len(runs) > 1 else float("nan")
-        print(f"| {label(result)} | {cell(result)} (s.e. of the mean {error:.2f}) | {len(runs)} (seeds 0..{len(runs) - 1}) "
+        print(f"| {label(result)} | {cell(result)} (s.e. of the mean {error:.2f}) | {len(runs)} (seeds 0..{len(runs) - 1}"
+              f"{done(result)}) "
               f"| {min(runs):.1f} .. {max(runs):.1f} | {PUBLISHED.get(Path(result['config']).stem, 'n/a')} |")
 
 
@@ -61,7 +69,7 @@ def splits_table(results: dict) -> None:
     for dataset in datasets:
         row = [results.get(f"{dataset}_{model}") for model in models]
         metric = next(r["metric"] for r in row if r).split(" at ")[0].replace("test ", "")
-        cells = [f"{cell(r)} ({len(r['runs'])} splits)" if r else "not run" for r in row]
+        cells = [f"{cell(r)} ({len(r['runs'])} splits{done(r)})" if r else "not run" for r in row]
         print(f"| {dataset} | {metric} | {' | '.join(cells)} | {PUBLISHED_SPLITS.get(dataset, 'none found')} |")
 
 
