@@ -96,7 +96,6 @@ class DIFFormerCLI(LightningCLI):
                     self._explicit_optimizer[key] = self.config[subcommand].model.init_args[key]
         # Before LightningCLI reads the model's hyperparameters from an explicit checkpoint file
         # (they then replace the configured ones), so a bad file fails here with a clear message.
-        subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None and ckpt_path not in NAMED_CHECKPOINTS:
             check_checkpoint_file(ckpt_path)
@@ -179,7 +178,7 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         if folder is not None:
             os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"
             return folder
-    if subcommand == "fit" and ckpt_path != "last" or (subcommand == "fit" and not same):
+    if subcommand == "fit" and (ckpt_path != "last" or not same):
         folder = next(folder for folder in candidates if not folder.exists())
         folder.mkdir(parents=True)
         with atomic_file(folder / SETTINGS, "w") as handle:
@@ -199,7 +198,7 @@ def best_checkpoint(run: Path) -> Path:
         raise FileNotFoundError(f"no {BEST} in {run / 'checkpoints'}: that run has validated no epoch yet (or is "
                                 f"another preset's). Pass --ckpt_path last, or the path of a checkpoint")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # reads no tensor data
         rank_zero_info(f"evaluating {path} (epoch {saved.get('epoch')}, global step {saved.get('global_step')}, the "
                        f"run's best validation)")
     except Exception:  # noqa: BLE001  reported properly when Lightning loads it
@@ -233,12 +232,12 @@ class ShortErrorParser(LightningArgumentParser):
         message = str(message).strip()
         # jsonargparse lists every Union member it tried before the reason a class path failed; say the reason
         key = re.search(r'Parser key "([^"]+)"', message)
+        option = f"--{key.group(1)}: " if key else ""
         failed = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
         bare = re.search(r"Expected a dot import path string: (\S+)", message)
         hint = ""
         if bare and not failed:  # a class name alone that is none of the known data modules / models
-            message = (f"{'--' + key.group(1) + ': ' if key else ''}{bare.group(1)} is not a class this project "
-                       "knows: give its import path, module.Class")
+            message = f"{option}{bare.group(1)} is not a class this project knows: give its import path, module.Class"
             import datamodules
             own = sorted(name for name in datamodules.__all__ if isinstance(getattr(datamodules, name), type)
                          and issubclass(getattr(datamodules, name), LightningDataModule)
@@ -246,8 +245,7 @@ class ShortErrorParser(LightningArgumentParser):
             hint = ("\n(--data my_data.MyData for a class in my_data.py in the folder you run from; this project's "
                     f"data modules, usable by name: {', '.join(own)})")
         if failed:
-            message = (f"{'--' + key.group(1) + ': ' if key else ''}cannot use {failed.group(1)}: "
-                       f"{failed.group(2).strip()}")
+            message = f"{option}cannot use {failed.group(1)}: {failed.group(2).strip()}"
             missing = re.search(r"No module named '([^']+)'", failed.group(2))
             top = failed.group(1).split(".")[0]
             if missing and missing.group(1).split(".")[0] == top:  # the class path's own module is not found
