@@ -23,12 +23,20 @@ class PredictionWriter(BasePredictionWriter):
     * with ``embeddings=True``, ``embeddings.npy``: float32 ``[N, hidden]``, the final hidden states
       (the encoder as a feature extractor).
 
+    When the data module predicts chosen nodes only (its ``prediction_nodes``, e.g.
+    ``--data.init_args.predict_nodes test``), the files hold ``K`` rows, row ``k`` for node ``node_ids[k]``,
+    and ``node_ids.npy`` (int64 ``[K]``) is written beside them.
+
     Every rank writes its batches' rows (the module's ``predict_step`` gives ``n_id``, ``logits`` and
     ``embeddings``) into the same memory-mapped files, created by rank 0 under a temporary name; when
     every row has been written the files are renamed into place, so a file of that name is always
-    complete. A prediction that leaves a row unwritten raises a ``RuntimeError`` and leaves no file.
-    With several machines ``output_dir`` must be a folder all of them mount.
+    complete, and files of an earlier prediction that this one does not write (``embeddings.npy``,
+    ``node_ids.npy``) are removed, so the folder never mixes two predictions. A prediction that leaves a row
+    unwritten raises a ``RuntimeError`` and leaves no file. With several machines ``output_dir`` must be a
+    folder all of them mount.
     """
+
+    FILES = ("logits", "embeddings", "node_ids")
 
     def __init__(self, output_dir: Optional[str] = None, embeddings: bool = False) -> None:
         super().__init__(write_interval="batch")
@@ -37,32 +45,52 @@ class PredictionWriter(BasePredictionWriter):
         self._arrays: Dict[str, np.ndarray] = {}
         self._staging: Dict[str, Path] = {}
         self._written: Optional[np.ndarray] = None
+        # chosen nodes: their ids sorted, and the row each one is written to
+        self._sorted: Optional[torch.Tensor] = None
+        self._row_of: Optional[torch.Tensor] = None
 
     def folder(self, trainer: "pl.Trainer") -> Path:
         return Path(self.output_dir) if self.output_dir is not None else Path(trainer.default_root_dir) / "predictions"
 
     def on_predict_epoch_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         datamodule, strategy = trainer.datamodule, trainer.strategy
-        num_nodes = datamodule.num_nodes
+        nodes = datamodule.prediction_nodes
+        num_rows = datamodule.num_nodes if nodes is None else nodes.numel()
+        self._sorted, self._row_of = (None, None) if nodes is None else torch.sort(nodes.long())
         widths = {"logits": datamodule.num_outputs}
         if self.embeddings:
             widths["embeddings"] = module.encoder.hidden_channels
+        files = list(widths) + ([] if nodes is None else ["node_ids"])
         folder = self.folder(trainer)
-        names = strategy.broadcast([str(staging_path(folder / f"{name}.npy")) for name in widths]
+        names = strategy.broadcast([str(staging_path(folder / f"{name}.npy")) for name in files]
                                    if trainer.is_global_zero else None)
-        self._staging = {name: Path(path) for name, path in zip(widths, names)}
+        self._staging = {name: Path(path) for name, path in zip(files, names)}
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             for name, width in widths.items():
-                np.lib.format.open_memmap(self._staging[name], "w+", np.float32, (num_nodes, width)).flush()
+                np.lib.format.open_memmap(self._staging[name], "w+", np.float32, (num_rows, width)).flush()
+            if nodes is not None:
+                with open(self._staging["node_ids"], "wb") as file:
+                    np.save(file, nodes.long().numpy())
         strategy.barrier()
-        self._arrays = {name: np.load(path, mmap_mode="r+") for name, path in self._staging.items()}
-        self._written = np.zeros(num_nodes, dtype=np.uint8)
+        self._arrays = {name: np.load(self._staging[name], mmap_mode="r+") for name in widths}
+        self._written = np.zeros(num_rows, dtype=np.uint8)
 
     def write_on_batch_end(self, trainer, module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        rows = prediction["n_id"].cpu().numpy()
+        ids = prediction["n_id"].cpu()
+        keep = None
+        if self._sorted is None:
+            rows = ids
+        elif self._sorted.numel() == 0:
+            return
+        else:  # only the chosen nodes, each at its row
+            slot = torch.searchsorted(self._sorted, ids).clamp_(max=max(self._sorted.numel() - 1, 0))
+            keep = self._sorted[slot] == ids
+            rows = self._row_of[slot[keep]]
+        rows = rows.numpy()
         for name, array in self._arrays.items():
-            array[rows] = prediction[name].detach().float().cpu().numpy()
+            values = prediction[name].detach()
+            array[rows] = (values if keep is None else values[keep.to(values.device)]).float().cpu().numpy()
         self._written[rows] = 1
 
     def on_predict_epoch_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
@@ -79,10 +107,14 @@ class PredictionWriter(BasePredictionWriter):
                     staging.unlink(missing_ok=True)
                 else:
                     publish(staging, self.folder(trainer) / f"{name}.npy")
+            if not missing:  # an earlier prediction's files that this one does not replace
+                for name in self.FILES:
+                    if name not in self._staging:
+                        (self.folder(trainer) / f"{name}.npy").unlink(missing_ok=True)
         strategy.barrier()
         if missing:
             raise RuntimeError(f"prediction wrote {len(self._written) - missing} of {len(self._written)} rows: the "
-                               f"prediction dataloaders did not cover every node, so no file was written")
+                               f"prediction dataloaders did not cover every node asked for, so no file was written")
         if trainer.is_global_zero:
             names = ", ".join(str(self.folder(trainer) / f"{name}.npy") for name in self._staging)
             print(f"predictions written: {names}")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar, Dict, Optional
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
@@ -65,6 +66,11 @@ class GraphDataModule(pl.LightningDataModule):
     def metric(self) -> str:
         """ROC-AUC over tasks for multi-label data, accuracy otherwise (subclasses say more)."""
         return "rocauc" if self.task == "multilabel" else "accuracy"
+
+    @property
+    def prediction_nodes(self) -> Optional[Tensor]:
+        """Every node's row is predicted (``None``), unless a subclass offers a choice."""
+        return None
 
     def evaluation_plan(self, encoder) -> Optional["ExactEvaluationPlan"]:
         """Evaluation on the data module's own batches (no exact pass), unless a subclass says otherwise."""

@@ -14,7 +14,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch_geometric.data import Data
 
-from difformer_lightning.contracts import ExactEvaluationPlan, NodeRows
+import numpy as np
+
+from difformer_lightning.contracts import SPLITS, ExactEvaluationPlan, NodeRows
 
 from .base import ClassificationTargets, GraphDataModule
 from .csr import NodeBitmap, induced_subgraph, sample_neighbors
@@ -106,8 +108,10 @@ class PartitionSampler(Sampler):
         super().__init__()
         self.nodes = nodes
         num_nodes = nodes.numel() if nodes is not None else num_nodes
-        if batch_size <= 0 or batch_size > num_nodes:
+        if batch_size <= 0 or (shuffle and batch_size > num_nodes):
             raise ValueError(f"batch_size must be in [1, {num_nodes}] (the number of nodes), got {batch_size}")
+        if not shuffle:  # evaluation over a set of nodes smaller than a batch (or empty): one batch, or none
+            batch_size = max(1, min(batch_size, num_nodes))
         self.num_replicas, self.rank = num_replicas, rank
         self.num_nodes, self.batch_size, self.seed, self.shuffle = num_nodes, batch_size, seed, shuffle
         self.epoch, self.start = 0, 0
@@ -122,9 +126,16 @@ class PartitionSampler(Sampler):
         return self.seed * 1_000_003 + self.epoch
 
     def permutation(self) -> Tensor:
-        order = (torch.randperm(self.num_nodes, generator=torch.Generator().manual_seed(self._epoch_seed()))
-                 if self.shuffle else torch.arange(self.num_nodes))
+        """The epoch's order of the nodes (training); evaluation batches need none (:meth:`bounds`)."""
+        order = torch.randperm(self.num_nodes, generator=torch.Generator().manual_seed(self._epoch_seed()))
         return self.nodes[order] if self.nodes is not None else order
+
+    def bounds(self, index: int) -> Tuple[int, int]:
+        """Positions ``[start, stop)`` of batch ``index`` in the node order: ``total_batches`` near-equal parts
+        (the larger first, as ``torch.tensor_split`` cuts)."""
+        size, larger = divmod(self.num_nodes, self.total_batches)
+        start = index * size + min(index, larger)
+        return start, start + size + (index < larger)
 
     def _indices(self) -> range:
         return range(self.rank, self.total_batches, self.num_replicas)
@@ -137,9 +148,14 @@ class PartitionSampler(Sampler):
             # evaluation loop (and its collectives: metric sums, the exact pass) with the others.
             yield torch.zeros(0, dtype=torch.long), 0
             return
-        batches = torch.tensor_split(self.permutation(), self.total_batches)
+        # Evaluation batches are consecutive positions of `nodes` (or ids): built one at a time, nothing of
+        # size N. Every request is a tensor of its own (`clone`): a view would send its whole base tensor to a
+        # DataLoader worker.
+        order = self.permutation() if self.shuffle else self.nodes
         for index in indices:
-            yield batches[index], self._epoch_seed() * 65_537 + index
+            start, stop = self.bounds(index)
+            nodes = order[start:stop].clone() if order is not None else torch.arange(start, stop)
+            yield nodes, self._epoch_seed() * 65_537 + index
 
     def __len__(self) -> int:
         return max(len(self._indices()), 1)
@@ -233,11 +249,18 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
       ``exact_budget_flops``; otherwise the run says so at start and evaluates by partition.
     * ``'partition'``: a fixed partition of consecutive node ids into batches of ``eval_batch_size``
       (each node attends only to its batch: fast, but not the model's full-graph output).
+
+    In exact evaluation, validation reads the final states of the labelled nodes only (those of the three
+    splits, whose metrics it logs) and test those of the test split; ``predict`` writes every node's row, or
+    with ``predict_nodes`` only the rows of ``'train'``, ``'val'``, ``'test'`` or ``'labelled'`` nodes or of
+    the node ids in a file (``.npy`` of integers, or text with one id per line), in the file's order
+    (:attr:`prediction_nodes`; ``callbacks.PredictionWriter`` then also writes ``node_ids.npy``).
     """
 
     def __init__(self, store: str, batch_size: int = 10_000, eval_batch_size: Optional[int] = None, seed: int = 0,
                  num_workers: int = 2, fanout: int = 0, evaluation: Optional[Literal["exact", "partition"]] = None,
-                 scratch_dir: Optional[str] = None, exact_budget_flops: float = 1e12) -> None:
+                 scratch_dir: Optional[str] = None, exact_budget_flops: float = 1e12,
+                 predict_nodes: Optional[str] = None) -> None:
         super().__init__()
         if fanout < 0:
             raise ValueError(f"fanout must be >= 0 (0: random partition), got {fanout}")
@@ -253,8 +276,15 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.evaluation, self.exact_budget_flops = evaluation, exact_budget_flops
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
+        if predict_nodes in (None, "all"):
+            predict_nodes = None
+        elif predict_nodes not in NODE_SETS and not Path(predict_nodes).is_file():
+            raise ValueError(f"predict_nodes {predict_nodes!r} is neither 'all', {', '.join(map(repr, NODE_SETS))} nor "
+                             f"an existing file of node ids (.npy of integers, or text with one id per line)")
+        self.predict_nodes = predict_nodes
         self._store: Optional[GraphStore] = None
         self._plan: Optional[ExactEvaluationPlan] = None
+        self._node_sets: Dict[str, Tensor] = {}
 
     def evaluation_plan(self, encoder) -> Optional[ExactEvaluationPlan]:
         """Exact evaluation for ``encoder`` (a ``DIFFormer``) unless ``evaluation='partition'`` or the kernel
@@ -332,6 +362,38 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         nodes = torch.randperm(self.store.num_nodes, generator=torch.Generator().manual_seed(seed))[:num_nodes]
         return BatchBuilder(self.path)[(nodes, seed)]
 
+    def node_set(self, name: str) -> Tensor:
+        """The sorted ids of the nodes of a split (``'train'``, ``'val'``, ``'test'``) or of all three
+        (``'labelled'``); read once from the store's index arrays (O(labelled nodes), nothing of size N)."""
+        if name not in self._node_sets:
+            store = self.store
+            parts = [getattr(store, f"{split}_idx") for split in SPLITS] if name == "labelled" \
+                else [getattr(store, f"{name}_idx")]
+            self._node_sets[name] = torch.sort(torch.cat([part.long() for part in parts])).values
+        return self._node_sets[name]
+
+    @property
+    def prediction_nodes(self) -> Optional[Tensor]:
+        """The node ids ``predict`` writes rows for, in that order (``predict_nodes``), or ``None``: every node,
+        row ``i`` for node ``i``. A file's ids are checked: integers in ``[0, N)``, none twice."""
+        if self.predict_nodes is None:
+            return None
+        if self.predict_nodes in NODE_SETS:
+            return self.node_set(self.predict_nodes)
+        if "file" not in self._node_sets:
+            self._node_sets["file"] = read_node_ids(Path(self.predict_nodes), self.store.num_nodes)
+        return self._node_sets["file"]
+
+    def _evaluation_nodes(self, split: str) -> Optional[Tensor]:
+        """The nodes an evaluation loop visits: in exact evaluation only those it reads (``'labelled'``,
+        ``'test'``, or the prediction's), by partition all of them (each batch is every node's context)."""
+        if self._plan is None:
+            return None
+        if split == "predict":
+            nodes = self.prediction_nodes
+            return None if nodes is None else torch.sort(nodes).values
+        return self.node_set(split)
+
     def _loader(self, batch_size: int, shuffle: bool, seeds: Optional[Tensor] = None) -> PartitionLoader:
         # This process's rank and the world size come from the Trainer (one process without one).
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
@@ -351,10 +413,40 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         return self._loader(min(self.batch_size, seeds.numel()), shuffle=True, seeds=seeds)
 
     def val_dataloader(self) -> PartitionLoader:
-        return self._loader(self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_batch_size, shuffle=False, seeds=self._evaluation_nodes("labelled"))
 
     def test_dataloader(self) -> PartitionLoader:
-        return self._loader(self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_batch_size, shuffle=False, seeds=self._evaluation_nodes("test"))
 
     def predict_dataloader(self) -> PartitionLoader:
-        return self._loader(self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_batch_size, shuffle=False, seeds=self._evaluation_nodes("predict"))
+
+
+# The node sets predict_nodes names (besides 'all' and a file of ids).
+NODE_SETS = (*SPLITS, "labelled")
+
+
+def read_node_ids(path: Path, num_nodes: int) -> Tensor:
+    """Node ids ``[K]`` int64 from ``path`` (``.npy`` of integers, or text with one id per line), in the file's
+    order. Raises a ``ValueError`` naming the file and the problem: not integers, not 1-D, empty, an id outside
+    ``[0, num_nodes)``, an id twice."""
+    try:
+        ids = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except ValueError as error:
+        raise ValueError(f"predict_nodes {path}: not a file of integer node ids ({error})") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"predict_nodes {path} holds a {ids.dtype} array of shape {list(ids.shape)}: give a 1-D array "
+                         f"of integer node ids")
+    if ids.size == 0:
+        raise ValueError(f"predict_nodes {path} holds no node id")
+    ids = torch.from_numpy(ids.astype(np.int64))
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_nodes:
+        bad = low if low < 0 else high
+        raise ValueError(f"predict_nodes {path} holds node id {bad}, but the graph's ids are 0 .. {num_nodes - 1}")
+    ordered = torch.sort(ids).values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.numel():
+        raise ValueError(f"predict_nodes {path} holds node id {int(repeated[0])} more than once "
+                         f"({repeated.numel()} repeats in all): list each node once")
+    return ids

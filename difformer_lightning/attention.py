@@ -48,7 +48,8 @@ class LinearAttentionStats:
     * ``key_sum`` ``[G, H, D]``: :math:`\sum_l \tilde{k}_l`; ``value_sum`` ``[G, H, D]``: :math:`\sum_l v_l`;
     * ``query_square``, ``key_square`` ``[G]``: :math:`\lVert Q \rVert_F^2`, :math:`\lVert K \rVert_F^2`
       (the Frobenius normalisation's norms, over all heads);
-    * ``num_nodes`` ``[G]``.
+    * ``num_nodes`` ``[G]``, float64 whatever the other fields' dtype (a count, exact up to 2**53: float32
+      would hold 111,059,956 as 111,059,952), cast to their dtype only where it enters the denominator.
 
     Every field is a sum over nodes, so the statistics of a graph are the sum (``+``) of those of any
     partition of its nodes into chunks, in any order, and over DDP ranks (:meth:`flatten` /
@@ -69,11 +70,11 @@ class LinearAttentionStats:
         """The sums over the nodes of ``query``, ``key``, ``value`` ``[G, S, H, D]`` (``G`` graphs padded
         to ``S`` rows with zeros; ``num_nodes`` ``[G]`` the real sizes, ``S`` each by default)."""
         if num_nodes is None:
-            num_nodes = query.new_full((query.size(0),), query.size(1))
+            num_nodes = torch.full((query.size(0),), query.size(1), dtype=torch.float64, device=query.device)
         key = _normalized(key, qk_norm)
         return cls(key_value=torch.einsum("gnhm,gnhd->ghmd", key, value), key_sum=key.sum(dim=1),
                    value_sum=value.sum(dim=1), query_square=_square_norm(query), key_square=_square_norm(key),
-                   num_nodes=num_nodes.to(query.dtype))
+                   num_nodes=num_nodes.to(torch.float64))
 
     def __add__(self, other: "LinearAttentionStats") -> "LinearAttentionStats":
         return LinearAttentionStats(*(a + b for a, b in zip(self._fields(), other._fields())))
@@ -82,14 +83,16 @@ class LinearAttentionStats:
         return tuple(getattr(self, f.name) for f in fields(self))
 
     def to(self, dtype: torch.dtype) -> "LinearAttentionStats":
-        return LinearAttentionStats(*(t.to(dtype) for t in self._fields()))
+        """The sums in ``dtype``; the count stays float64."""
+        return LinearAttentionStats(*(t if f.name == "num_nodes" else t.to(dtype)
+                                      for f, t in zip(fields(self), self._fields())))
 
     def flatten(self) -> Tensor:
-        """All fields in one 1-D tensor (for one all-reduce); :meth:`unflatten` inverts it."""
-        return torch.cat([t.reshape(-1) for t in self._fields()])
+        """All fields in one 1-D float64 tensor (for one all-reduce); :meth:`unflatten` inverts it."""
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in self._fields()])
 
     def unflatten(self, flat: Tensor) -> "LinearAttentionStats":
-        """Fields of ``self``'s shapes read back from ``flat``."""
+        """Fields of ``self``'s shapes read back from ``flat`` (in ``flat``'s dtype)."""
         parts, start = [], 0
         for t in self._fields():
             parts.append(flat[start:start + t.numel()].view(t.shape))
@@ -113,7 +116,8 @@ class LinearAttentionStats:
         columns = columns or width + 1
         scale = self.scale(qk_norm).view(-1, 1, 1)
         mix = torch.cat([self.key_value, self.key_sum.unsqueeze(-1)], dim=-1) * scale.unsqueeze(-1)
-        bias = torch.cat([self.value_sum, self.num_nodes.view(-1, 1, 1).expand(*self.value_sum.shape[:2], 1)], dim=-1)
+        count = self.num_nodes.to(self.value_sum.dtype).view(-1, 1, 1).expand(*self.value_sum.shape[:2], 1)
+        bias = torch.cat([self.value_sum, count], dim=-1)
         if columns > width + 1:
             mix, bias = F.pad(mix, (0, columns - width - 1)), F.pad(bias, (0, columns - width - 1))
         return mix, bias

@@ -112,6 +112,12 @@ class DataContract(Protocol):
     def probe_batch(self, num_nodes: int, seed: int = 0):
         """A fixed batch of at most ``num_nodes`` nodes (``callbacks.Energy`` evaluates on it)."""
 
+    @property
+    def prediction_nodes(self) -> Optional[Tensor]:
+        """The node ids whose rows ``predict`` writes, in that order (``[K]`` int64), or ``None`` for every node
+        (``num_nodes`` rows, row ``i`` for node ``i``). Prediction batches must cover them (``n_id``); rows of
+        other nodes in a batch are not written."""
+
     def evaluation_plan(self, encoder) -> Optional[ExactEvaluationPlan]:
         """Decides, for this encoder (a :class:`~difformer_lightning.DIFFormer`), whether validation, test
         and prediction run exactly; returns the plan, or ``None`` for evaluation on the data module's

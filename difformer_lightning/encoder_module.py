@@ -1,5 +1,6 @@
 """What every LightningModule around a DIFFormer encoder shares."""
 import math
+import sys
 import warnings
 from typing import Dict, Optional
 
@@ -12,7 +13,7 @@ from torch_geometric.data import Data
 from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
 from .contracts import ExactEvaluationPlan, NodeRows, check_data_module
 from .model import DIFFormer
-from .streaming import Collectives, ExactStates, Scratch, exact_states, scratch_layout
+from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
 
 
 class EncoderModule(pl.LightningModule):
@@ -91,13 +92,18 @@ class EncoderModule(pl.LightningModule):
         self.encoder.check_fits(datamodule.max_batch_nodes)
         self._exact_plan = datamodule.evaluation_plan(self.encoder)
         if self._exact_plan is not None and self._scratch is None:
-            # The scratch arrays are allocated (their pages populated) once, here, not in the first evaluation.
+            # The scratch arrays are created at the first evaluation; here, before any training step, their
+            # folder is checked (exists, writable, room for them) on every rank, after rank 0 removed the
+            # folders that killed runs left.
             strategy, shared = self.trainer.strategy, self._exact_plan.shared
             collectives = Collectives(rank=self.global_rank, world_size=self.trainer.world_size,
                                       all_reduce=lambda tensor: strategy.reduce(tensor, reduce_op="sum"),
                                       barrier=strategy.barrier, broadcast=strategy.broadcast, flush=shared)
             self._scratch = Scratch(self._exact_plan.scratch_dir, collectives)
-            self._scratch.get(*scratch_layout(self.encoder, self._exact_plan.source.num_nodes))
+            if self.global_rank == 0:
+                self._scratch.remove_stale()
+            strategy.barrier()
+            self._scratch.check(self._scratch_layout())
 
     def forward(self, batch: Data) -> Tensor:
         return self.encoder(batch.x, batch.get("edge_index"), batch.get("edge_weight"), batch.get("batch"))
@@ -116,13 +122,27 @@ class EncoderModule(pl.LightningModule):
         """The encoder's outputs for an evaluation batch (see :meth:`embed`)."""
         return self.encoder.decode(self.embed(batch))
 
+    def _scratch_layout(self):
+        """The exact pass's scratch arrays: states and values in the run's precision (16 bits under a 16-bit one)."""
+        storage = storage_dtype(self.trainer.precision, self.encoder)
+        return scratch_layout(self.encoder, self._exact_plan.source.num_nodes, storage)
+
+    def _progress(self) -> Optional[PassProgress]:
+        """Rank 0 reports the exact pass: in a progress bar on a terminal, else as log lines."""
+        if self.global_rank != 0:
+            return None
+        bar = self.trainer.progress_bar_callback is not None and sys.stderr.isatty()
+        return PassProgress(report=rank_zero_info, bar=bar)
+
     def _start_exact_pass(self) -> None:
         plan = self._exact_plan
         if plan is None:
             return
+        storage = storage_dtype(self.trainer.precision, self.encoder)
         # Lightning applies the precision (autocast) around the steps only; the pass runs here, before them.
         with self.trainer.precision_plugin.forward_context():
-            self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, self._scratch, self.device)
+            self._exact = exact_states(self.encoder, plan.source, plan.chunk_nodes, self._scratch, self.device,
+                                       storage=storage, progress=self._progress())
 
     def _end_exact_pass(self) -> None:
         if self._exact is not None:

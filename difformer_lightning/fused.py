@@ -81,7 +81,7 @@ class _LinearDiffusion(torch.autograd.Function):
             products.append(product)
         if graph is not None:
             mean_value = values[0] if num_heads == 1 or value is not None else torch.stack(values).mean(dim=0)
-            out.addmm_(graph.adjacency.to(out.dtype), mean_value, alpha=local_weight)
+            graph.matmul(mean_value, out=out, alpha=local_weight)
         ctx.save_for_backward(projected, value, norms, *mixes, *products)
         ctx.num_heads, ctx.graph, ctx.graph_weight = num_heads, graph, graph_weight
         return out
@@ -130,11 +130,11 @@ class _LinearDiffusion(torch.autograd.Function):
             torch.addmm(target, k, grad_rows[:, :width], beta=0.0 if value is None or h == 0 else 1.0, out=target)
             target.add_(grad_product[:, :width].sum(dim=0))
         if ctx.graph is not None:
-            transposed = ctx.graph.transposed.to(grad.dtype)
             if value is not None or heads == 1:
-                (grad_value if value is not None else grad_values[0]).addmm_(transposed, grad, alpha=local_weight)
+                ctx.graph.matmul(grad, transpose=True, out=grad_value if value is not None else grad_values[0],
+                                 alpha=local_weight)
             else:
-                local = transposed @ grad
+                local = ctx.graph.matmul(grad, transpose=True)
                 for grad_head_value in grad_values:
                     grad_head_value.add_(local, alpha=local_weight / heads)
         return grad_projected, grad_value, None, None, None

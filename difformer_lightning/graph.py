@@ -15,7 +15,7 @@ graph, the partition batches, and the streamed exact forward over the rows of a 
 Source: the reference's ``gcn_conv`` and ``DIFFormer`` forward (DIFFORMER.md section 1).
 """
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -116,6 +116,7 @@ class NormalizedGraph:
         self.num_targets, self.num_sources = num_targets, num_sources
         self.adjacency = _csr(target, source, edge_weight, num_targets, num_sources)
         self._transposed: Optional[Tensor] = None
+        self._cast: dict = {}  # the matrices in each dtype products asked for
 
     @property
     def num_nodes(self) -> int:
@@ -165,6 +166,17 @@ class NormalizedGraph:
         ids, columns = torch.unique(source, return_inverse=True)
         return cls(columns.to(gather_to), target.to(gather_to), values.to(gather_to), num_targets, ids.numel()), ids
 
+    def matmul(self, dense: Tensor, transpose: bool = False, out: Optional[Tensor] = None,
+               alpha: float = 1.0) -> Tensor:
+        """:math:`\\hat{A}` ``dense`` (:math:`\\hat{A}^\\top` ``dense`` with ``transpose``), no autograd: a new
+        ``[num_targets, W]`` tensor, or added to ``out`` times ``alpha``. ``dense`` ``[num_sources, W]`` (or
+        ``[num_targets, W]`` with ``transpose``) may be a memory-mapped array's tensor of any size: see
+        :func:`sparse_matmul`. The matrix is cast to ``dense``'s dtype."""
+        key = ("transposed" if transpose else "adjacency", dense.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.transposed if transpose else self.adjacency).to(dense.dtype)
+        return sparse_matmul(self._cast[key], dense, out, alpha)
+
     def propagate(self, values: Tensor) -> Tensor:
         """:math:`\\hat{A} V` for ``values`` ``[num_sources, ...]`` -> ``[num_targets, ...]``, in float32
         (or float64 for float64 values).
@@ -184,11 +196,64 @@ class _Propagate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph: NormalizedGraph, values: Tensor) -> Tensor:
         ctx.graph = graph
-        return graph.adjacency.to(values.dtype) @ values
+        return graph.matmul(values)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return None, ctx.graph.transposed.to(grad.dtype) @ grad
+        return None, ctx.graph.matmul(grad, transpose=True)
+
+
+# torch's sparse-CSR x dense product on the CPU (MKL's LP64 routines, pytorch/pytorch#100158) addresses the dense
+# operand with a 32-bit element offset: an entry in a column c with c * row_stride >= 2**31 segfaults or, at some
+# widths, sums wrong values (measured with torch 2.13: width 16 fails from row 134,217,728 on, width 256 from row
+# 8,388,608; the last row below the limit is right). No public API says which kernels are affected, so every product
+# whose dense operand reaches the limit runs over blocks of its rows, each addressed from its own first row.
+DENSE_OFFSET_LIMIT = 2**31
+
+
+def sparse_matmul(matrix: Tensor, dense: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """``matrix @ dense`` for a sparse CSR ``matrix`` ``[M, K]`` and a strided ``dense`` ``[K, W]`` of any size
+    (a memory-mapped array's tensor too: only the rows the matrix uses are read): a new ``[M, W]`` tensor, or
+    ``out += alpha * matrix @ dense`` in place (``out`` is returned).
+
+    When the dense operand's element offsets reach :data:`DENSE_OFFSET_LIMIT`, the matrix is cut into blocks of
+    columns (entries kept in row order inside each block) and each block multiplies its own slice of ``dense``,
+    the products added into the output one after another: every offset stays below the limit, on every device.
+    """
+    width, stride = dense.size(1), max(dense.stride(0), 1)
+    rows_per_block = (DENSE_OFFSET_LIMIT - width) // stride + 1
+    if dense.size(0) <= rows_per_block:
+        if out is None:
+            return matrix @ dense if alpha == 1.0 else torch.mul(matrix @ dense, alpha)
+        return out.addmm_(matrix, dense, alpha=alpha)
+    if out is None:
+        out = dense.new_zeros(matrix.size(0), width)
+    for first, block in _column_blocks(matrix, rows_per_block):
+        out.addmm_(block, dense[first:first + block.size(1)], alpha=alpha)
+    return out
+
+
+def _column_blocks(matrix: Tensor, columns_per_block: int) -> List[Tuple[int, Tensor]]:
+    """``matrix`` (sparse CSR ``[M, K]``) cut into blocks of at most ``columns_per_block`` columns: ``(first column,
+    block [M, columns])`` for every block holding an entry. One stable sort by block keeps each row's entries in
+    their order."""
+    row_pointer, columns, values = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+    num_rows, num_columns = matrix.shape
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=columns.device), row_pointer.diff(),
+                                   output_size=columns.numel())
+    block_of = torch.div(columns, columns_per_block, rounding_mode="floor")
+    order = torch.sort(block_of, stable=True).indices
+    rows, columns, values, block_of = rows[order], columns[order], values[order], block_of[order]
+    counts = torch.bincount(block_of).tolist()
+    blocks, start = [], 0
+    for index, count in enumerate(counts):
+        if count:
+            first = index * columns_per_block
+            size = min(columns_per_block, num_columns - first)
+            part = slice(start, start + count)
+            blocks.append((first, _csr(rows[part], columns[part] - first, values[part], num_rows, size)))
+        start += count
+    return blocks
 
 
 def _csr(rows: Tensor, columns: Tensor, values: Tensor, num_rows: int, num_columns: int) -> Tensor:

@@ -12,20 +12,38 @@ Every piece of math is the model's own: :meth:`DIFFormer.encode`, :meth:`DIFForm
 :meth:`~DIFFormerConv.local` on :meth:`NormalizedGraph.rows`, :meth:`~DIFFormerConv.combine` and
 :meth:`DIFFormer.step`; nothing here reads a weight.
 
-Several processes (DDP ranks) share the work: rank ``r`` of ``W`` streams chunks ``r, r + W, ...``; the
-per-chunk statistics go into one table that is all-reduced (each slot has a single contributor, so the
-sum is exact) and added up in chunk order, so the result is bitwise the same for any number of ranks.
-Layer states and values live in memory-mapped scratch arrays that every rank of a machine maps (one copy
-in the page cache), with a barrier between passes. Several machines need a scratch folder on a file system
-they all mount (``flush=True`` then writes each rank's rows back before every barrier).
+Work and memory, whatever the size of the graph:
+
+* Several processes (DDP ranks) share the work. The chunks are cut into :data:`STATISTICS_GROUPS` groups of
+  consecutive chunks (fewer when there are fewer chunks), fixed by the number of chunks alone; rank ``r``
+  of ``W`` streams groups ``r, r + W, ...``. Each group's statistics are summed in chunk order in float64
+  by the one rank that owns it, into a table of one row per group that is all-reduced (each row has a
+  single contributor, so the sum is exact) and added up in group order: the result is bitwise the same for
+  any number of ranks, and the table's size (``groups x (H D (D + 2) + 3)`` float64, 33.8 MB at hidden 256)
+  does not grow with the graph or the number of chunks.
+* Layer states and values live in memory-mapped scratch arrays (:class:`Scratch`) that every rank of a
+  machine maps (one copy in the page cache), with a barrier between passes; several machines need a
+  scratch folder on a file system they all mount (``flush=True`` then writes each rank's rows back before
+  every barrier). States and values are stored in the run's precision (16 bits under a 16-bit precision),
+  every sum runs in float32 or wider.
+* The graph term of a chunk reads its sources' values by one sparse product straight from the scratch file
+  (on the CPU, 32-bit storage) or from the rows gathered to the device (an accelerator, 16-bit storage, or
+  ``gather=True``); :func:`~.graph.sparse_matmul` keeps every offset of the product below 2**31.
 """
 import atexit
+import errno
+import fcntl
+import logging
+import math
 import mmap
+import os
 import shutil
+import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,6 +54,13 @@ from .contracts import GraphSource
 from .graph import NormalizedGraph, accumulation_dtype, gcn_degree
 from .io import publish, staging_path
 from .model import DIFFormer
+
+log = logging.getLogger(__name__)
+
+# Groups of consecutive chunks whose DIFFormer-s statistics are summed apart (see the module docstring): the
+# table all-reduced per layer has this many rows, whatever the graph's size. 64 divides evenly among 1, 2, 4,
+# 8, 16, 32 and 64 ranks.
+STATISTICS_GROUPS = 64
 
 
 def _identity(value):
@@ -62,65 +87,310 @@ class Collectives:
     flush: bool = False
 
 
+# --- the scratch arrays ----------------------------------------------------------------------------------
+
+class ScratchError(RuntimeError):
+    """The scratch folder of an exact pass is missing, not writable, or has too little free space."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One scratch array: its shape and its dtype (bfloat16 is stored as 16-bit words)."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        # numpy has no bfloat16: its 16-bit words are stored as uint16 and viewed as bfloat16 by torch
+        return np.dtype(np.uint16) if self.dtype == torch.bfloat16 else np.dtype(str(self.dtype).replace("torch.", ""))
+
+
+Layout = Dict[str, ArraySpec]
+
+
+def scratch_layout(model: DIFFormer, num_nodes: int, storage_dtype: Optional[torch.dtype] = None) -> Layout:
+    """The scratch arrays :func:`exact_states` needs for ``model`` over ``num_nodes`` nodes: the states
+    ``h`` ``[N, hidden]`` (one array, updated in place: a rank reads and writes only its own chunks' states,
+    and a chunk is read before its new state is written), the values (and DIFFormer-a's keys) ``[N, H, D]``
+    that other chunks gather, and the graph term's degrees ``[N]``.
+
+    States, values and keys are stored in ``storage_dtype`` (the model's float32 or float64 by default;
+    :func:`storage_dtype` gives bfloat16 or float16 under a 16-bit precision), the degrees in the dtype sums
+    run in. ``sum(spec.nbytes ...)`` is the disk the pass takes."""
+    conv = model.convs[0]
+    compute = accumulation_dtype(next(model.parameters()).dtype)
+    storage = storage_dtype or compute
+    layout = {"h": ArraySpec((num_nodes, model.hidden_channels), storage)}
+    per_node = (num_nodes, conv.num_heads, conv.out_channels)
+    if conv.needs_graph or conv.kernel == "sigmoid":
+        layout["value"] = ArraySpec(per_node, storage)
+    if conv.kernel == "sigmoid":
+        layout["key"] = ArraySpec(per_node, storage)
+    if conv.needs_graph:
+        layout["inv_sqrt_degree"] = ArraySpec((num_nodes,), compute)
+    return layout
+
+
+def storage_dtype(precision: str, model: DIFFormer) -> torch.dtype:
+    """The dtype an exact pass stores states and values in under a Lightning ``precision`` (``'bf16-mixed'``,
+    ``'16-mixed'``, ``'32-true'``, ...): bfloat16 / float16 under the 16-bit ones (projections already run in
+    that dtype there; only the residual step then reads its input rounded to 16 bits), else the model's dtype
+    (float32, or float64)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return accumulation_dtype(next(model.parameters()).dtype)
+
+
+def layout_bytes(layout: Layout) -> int:
+    return sum(spec.nbytes for spec in layout.values())
+
+
+def format_bytes(count: int) -> str:
+    return f"{count:,} bytes ({count / 1e9:,.1f} GB)"
+
+
 class Scratch:
     """The memory-mapped scratch arrays of exact passes, in a folder of their own under ``scratch_dir``
-    (the system's temporary folder by default) that rank 0 creates on first use and every rank maps.
+    (the system's temporary folder by default) that rank 0 creates at the first pass and every rank maps.
 
-    Arrays are created once and reused by later passes that ask for the same shapes (the files' pages
-    stay in the page cache: a pass does not fault fresh ones in). :meth:`close` (or the end of the
-    process, on rank 0) deletes the folder.
+    * :meth:`check` (every rank, before any work: the LightningModule's ``setup``) refuses a missing folder,
+      one that cannot be written, or one whose file system has less free space than the arrays need, with a
+      :class:`ScratchError` naming ``option`` (``data.scratch_dir``), the bytes needed and the bytes free.
+    * :meth:`get` creates the arrays at the first pass and reserves their disk blocks (``posix_fallocate``:
+      a file system that fills up later cannot kill the run with SIGBUS), then reuses them for later passes
+      that ask for the same layout. Their pages are allocated up front only when the arrays fit in half the
+      available memory; the value arrays, read at random, are mapped without read-ahead.
+    * The folder holds a lock file every user of it keeps locked (shared); :meth:`remove_stale` deletes the
+      folders under ``scratch_dir`` whose lock nobody holds (a run killed during a pass), and :meth:`close`
+      (also at the end of the process, on rank 0) deletes this one.
     """
 
+    PREFIX = "difformer-exact-"
+    LOCK = "lock"
+    # A folder whose lock file is younger than this is left alone: its creator may be about to lock it.
+    STALE_AFTER_S = 60.0
+
     def __init__(self, scratch_dir: Optional[Union[str, Path]] = None,
-                 collectives: Optional[Collectives] = None) -> None:
+                 collectives: Optional[Collectives] = None, option: str = "data.scratch_dir") -> None:
+        self.explicit = scratch_dir is not None
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
         self.collectives = collectives or Collectives()
+        self.option = option
         self.folder: Optional[Path] = None
-        self._layout = None
+        self._lock: Optional[int] = None
+        self._layout: Optional[Layout] = None
         self.arrays: Dict[str, np.ndarray] = {}
         # arrays that hold what they hold for the whole run (the degrees of the graph given by `key`)
         self.filled: set = set()
         atexit.register(self.close)
 
-    def get(self, shapes: Dict[str, Tuple[int, ...]], dtype: np.dtype) -> Dict[str, np.ndarray]:
-        """Arrays of these shapes and dtype (created, or reused when the last call asked for the same).
-        A collective: every rank calls it."""
-        layout = (tuple(shapes.items()), np.dtype(dtype).str)
+    def _where(self) -> str:
+        return (f"{self.option} {self.scratch_dir}" if self.explicit
+                else f"{self.option} (unset: the system's temporary folder {self.scratch_dir})")
+
+    def _remedy(self) -> str:
+        return (f"point {self.option} at a folder on a local disk with room, store states in 16 bits "
+                f"(--trainer.precision bf16-mixed), or evaluate by batches (evaluation='partition')")
+
+    def check(self, layout: Layout) -> None:
+        """Raises a :class:`ScratchError` unless the scratch folder exists, can be written, and has room for
+        ``layout`` (counting the space this object's own arrays already take). Called on every rank."""
+        folder = self.scratch_dir
+        needed = layout_bytes(layout)
+        if not folder.exists():
+            raise ScratchError(f"{self._where()} does not exist: exact evaluation keeps {format_bytes(needed)} of "
+                               f"scratch arrays there; create the folder, or {self._remedy()}")
+        if not folder.is_dir():
+            raise ScratchError(f"{self._where()} is not a folder; {self._remedy()}")
+        try:
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".difformer-probe-")
+            probe.close()
+        except OSError as error:
+            raise ScratchError(f"{self._where()} cannot be written ({error.strerror or error}): exact evaluation "
+                               f"needs {format_bytes(needed)} of scratch arrays there; {self._remedy()}") from None
+        if self.arrays:  # reused arrays, or replaced ones: their space comes back
+            needed = max(0, needed - layout_bytes(self._layout))
+        free = free_bytes(folder)
+        if needed > free:
+            raise ScratchError(f"{self._where()} has {format_bytes(free)} free, but exact evaluation needs "
+                               f"{format_bytes(needed)} for its scratch arrays ({describe_layout(layout)}); "
+                               f"free space, or {self._remedy()}")
+
+    def remove_stale(self) -> List[Tuple[Path, int]]:
+        """Deletes the folders of exact passes under ``scratch_dir`` that no running process holds (their lock
+        is free, or they predate locks and are more than an hour old); logs and returns ``(folder, bytes)``
+        for each. Call on one process per file system (rank 0)."""
+        removed = []
+        try:
+            candidates = sorted(self.scratch_dir.glob(self.PREFIX + "*"))
+        except OSError:
+            return removed
+        for folder in candidates:
+            if folder == self.folder or not folder.is_dir():
+                continue
+            if _unused(folder / self.LOCK, self.STALE_AFTER_S):
+                size = _disk_bytes(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+                if not folder.exists():
+                    removed.append((folder, size))
+                    log.warning(f"removed {folder} ({size / 1e9:,.1f} GB on disk): the scratch folder of an exact "
+                                f"evaluation whose process is no longer running")
+        return removed
+
+    def get(self, layout: Layout) -> Dict[str, np.ndarray]:
+        """Arrays of ``layout`` (created, or reused when the last call asked for the same). A collective:
+        every rank calls it. Raises a :class:`ScratchError` on every rank when the files cannot be created."""
         if layout == self._layout:
             return self.arrays
-        self.arrays = {}
+        self.arrays, self._layout, self.filled = {}, None, set()
+        collectives = self.collectives
         if self.folder is None:
             folder = None
-            if self.collectives.rank == 0:
-                self.scratch_dir.mkdir(parents=True, exist_ok=True)
-                folder = tempfile.mkdtemp(prefix="difformer-exact-", dir=self.scratch_dir)
-            self.folder = Path(self.collectives.broadcast(folder))
-        if self.collectives.rank == 0:
-            for old in self.folder.glob("*.npy"):
-                old.unlink()
-            for name, shape in shapes.items():
-                np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", dtype, shape).flush()
-        self.collectives.barrier()
-        self.arrays = {name: _map_populated(self.folder / f"{name}.npy") for name in shapes}
-        self._layout, self.filled = layout, set()
+            if collectives.rank == 0:
+                try:
+                    folder = str(self._create_folder())
+                except OSError as error:
+                    folder = ScratchError(f"{self._where()}: cannot create the scratch folder "
+                                          f"({error.strerror or error}); {self._remedy()}")
+            folder = collectives.broadcast(folder)
+            if isinstance(folder, ScratchError):
+                raise folder
+            self.folder = Path(folder)
+            if collectives.rank != 0:
+                self._lock = _lock_shared(self.folder / self.LOCK)
+        problem = None
+        if collectives.rank == 0:
+            problem = self._create_files(layout)
+        problem = collectives.broadcast(problem)
+        if problem is not None:
+            raise ScratchError(problem)
+        populate = layout_bytes(layout) <= available_memory() // 2
+        self.arrays = {name: _map(self.folder / f"{name}.npy", populate, random=name != "h" and name != "inv_sqrt_degree")
+                       for name in layout}
+        self._layout = layout
         return self.arrays
+
+    def _create_folder(self) -> Path:
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.scratch_dir))
+        self._lock = _lock_shared(folder / self.LOCK)
+        return folder
+
+    def _create_files(self, layout: Layout) -> Optional[str]:
+        """Creates the ``.npy`` files of ``layout`` with their blocks reserved; returns a message instead of
+        raising (the other ranks raise it too)."""
+        for old in self.folder.glob("*.npy"):
+            old.unlink()
+        needed = layout_bytes(layout)
+        for name, spec in layout.items():
+            path = self.folder / f"{name}.npy"
+            try:
+                np.lib.format.open_memmap(path, "w+", spec.numpy_dtype, spec.shape).flush()
+                with open(path, "r+b") as file:
+                    try:
+                        os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+                    except OSError as error:
+                        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no reservation on this file system
+                            continue
+                        raise
+            except OSError as error:
+                for created in self.folder.glob("*.npy"):
+                    created.unlink()
+                if error.errno == errno.ENOSPC:
+                    return (f"{self._where()} has {format_bytes(free_bytes(self.scratch_dir))} free, but exact "
+                            f"evaluation needs {format_bytes(needed)} for its scratch arrays "
+                            f"({describe_layout(layout)}); free space, or {self._remedy()}")
+                return f"{self._where()}: cannot create {path} ({error.strerror or error}); {self._remedy()}"
+        return None
 
     def close(self) -> None:
         self.arrays, self._layout, self.filled = {}, None, set()
         if self.folder is not None and self.collectives.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         self.folder = None
+
+
+def describe_layout(layout: Layout) -> str:
+    return ", ".join(f"{name} {list(spec.shape)} {str(spec.dtype).replace('torch.', '')}"
+                     for name, spec in layout.items())
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged process may still write on ``folder``'s file system."""
+    status = os.statvfs(folder)
+    return status.f_bavail * status.f_frsize
+
+
+def available_memory() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _lock_shared(path: Path) -> int:
+    """Opens (creating) ``path`` and holds a shared lock on it until the descriptor is closed."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    return descriptor
+
+
+def _unused(lock: Path, min_age_s: float) -> bool:
+    """Whether no process holds ``lock`` (an exclusive lock can be taken) and it is older than ``min_age_s``;
+    a folder without a lock file counts as unused when the folder is more than an hour old."""
+    try:
+        if not lock.exists():
+            return time.time() - lock.parent.stat().st_mtime > 3600
+        if time.time() - lock.stat().st_mtime < min_age_s:
+            return False
+        descriptor = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def _disk_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_blocks * 512
+        except OSError:
+            pass
+    return total
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (<linux/mman.h>); Python's mmap module does not name it
 
 
-def _map_populated(path: Path) -> np.ndarray:
-    """A writable shared mapping of the ``.npy`` file ``path``, its pages allocated up front.
+def _map(path: Path, populate: bool, random: bool) -> np.ndarray:
+    """A writable shared mapping of the ``.npy`` file ``path``.
 
-    Faulting in a fresh file page on its first write costs microseconds per 4 KiB page: measured here, the
-    first exact pass over 8M nodes spent 14 s in such faults, more than in any computation.
-    ``MADV_POPULATE_WRITE`` allocates them in one call (a no-op where the kernel lacks it)."""
+    ``populate``: its pages allocated up front with ``MADV_POPULATE_WRITE`` (measured here, the first exact
+    pass over 8M nodes spent 14 s faulting in fresh pages one at a time; a no-op where the kernel lacks it).
+    Only for arrays that fit in memory: populating writes every page, so a larger file would be written to
+    disk whole before the first chunk. ``random``: no read-ahead (``MADV_RANDOM``) for arrays read by row at
+    random, where reading ahead multiplies the bytes read from disk when the array is not cached."""
     with open(path, "rb") as file:
         version = np.lib.format.read_magic(file)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -128,29 +398,46 @@ def _map_populated(path: Path) -> np.ndarray:
         offset = file.tell()
     with open(path, "r+b") as file:
         mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        mapping.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError):
-        pass
+    for advice, wanted in ((_MADV_POPULATE_WRITE, populate), (getattr(mmap, "MADV_RANDOM", None), random)):
+        if wanted and advice is not None:
+            try:
+                mapping.madvise(advice)
+            except (OSError, ValueError):
+                pass
     return np.ndarray(shape, dtype, buffer=mapping, offset=offset, order="F" if fortran else "C")
 
+
+# --- the pass ----------------------------------------------------------------------------------------------
 
 @dataclass
 class ExactStates:
     """The final hidden states ``[N, hidden]`` of every node, memory-mapped from the scratch folder
-    (valid until the next pass over the same :class:`Scratch`); :meth:`rows` reads any rows."""
+    (valid until the next pass over the same :class:`Scratch`); :meth:`rows` reads any rows. ``timings``: the
+    pass's seconds by part (``encode``, ``degrees``, ``statistics``, ``graph``, ``update``) with the ``nodes``
+    and in-edge ``entries`` of this rank's chunks, for cost models."""
 
     states: np.ndarray
+    dtype: torch.dtype = torch.float32
+    timings: Dict[str, float] = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
         return self.states.shape[0]
 
     def rows(self, ids: Union[Tensor, slice]) -> Tensor:
-        """``[len(ids), hidden]`` float32 (or float64) on the CPU, for node ids (any order) or a slice."""
+        """``[len(ids), hidden]`` in float32 (float64 for a float64 model) on the CPU, for node ids (any order)
+        or a slice."""
         if isinstance(ids, Tensor):
             ids = ids.cpu().numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.states[ids]))
+        return _to_torch(np.ascontiguousarray(self.states[ids]), self.dtype)
+
+
+def _to_torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """A numpy array of scratch storage as a tensor of ``dtype`` (bfloat16 storage: uint16 words)."""
+    tensor = torch.from_numpy(array)
+    if array.dtype == np.uint16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.to(dtype)
 
 
 def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
@@ -160,46 +447,160 @@ def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
     return [(start, min(start + chunk_nodes, num_nodes)) for start in range(0, num_nodes, chunk_nodes)]
 
 
+def chunk_groups(num_chunks: int, groups: int = STATISTICS_GROUPS) -> List[range]:
+    """``min(groups, num_chunks)`` ranges of consecutive chunk indices covering ``0 .. num_chunks - 1``, sizes
+    differing by at most one (the larger first). They depend on the number of chunks only, never on the
+    number of ranks."""
+    count = min(groups, num_chunks)
+    if count == 0:
+        return []
+    size, larger = divmod(num_chunks, count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < larger))
+    return [range(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def rank_groups(num_chunks: int, rank: int, world_size: int) -> List[Tuple[int, range]]:
+    """The groups (index, chunk indices) rank ``rank`` of ``world_size`` streams: ``rank, rank + world_size, ...``."""
+    return list(enumerate(chunk_groups(num_chunks)))[rank::world_size]
+
+
+class PassProgress:
+    """Reports how far an exact pass is: a progress bar (``bar=True``: a terminal) or, without one, a line
+    through ``report`` at the start, every ``interval`` seconds and at the end: the stage (encoding, or
+    layer ``l`` of ``L`` and its first or second sweep), chunks done, nodes per second and the time left."""
+
+    def __init__(self, report: Callable[[str], None] = print, bar: bool = False, interval: float = 30.0) -> None:
+        self.report, self.bar, self.interval = report, bar, interval
+        self._tqdm = None
+
+    def begin(self, num_layers: int, num_chunks: int, total_chunks: int, nodes: int, total_nodes: int,
+              sweeps: int) -> None:
+        self.layers, self.chunks, self.nodes = num_layers, num_chunks, nodes
+        self.total, self.done, self.chunks_done = nodes * sweeps, 0, 0
+        self.started = self._last = time.perf_counter()
+        self._stage = ""
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=self.total, unit="node", unit_scale=True, desc="exact pass", leave=False,
+                              dynamic_ncols=True, file=sys.stderr)
+        else:
+            self.report(f"exact pass: {num_layers} layers over {total_nodes:,} nodes in {total_chunks:,} chunks; "
+                        f"this process streams {num_chunks:,} chunks ({nodes:,} nodes)")
+
+    def stage(self, name: str) -> None:
+        self._stage, self.chunks_done = name, 0
+        if self._tqdm is not None:
+            self._tqdm.set_description(f"exact pass: {name}")
+
+    def advance(self, nodes: int) -> None:
+        self.done += nodes
+        self.chunks_done += 1
+        if self._tqdm is not None:
+            self._tqdm.update(nodes)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.report(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"exact pass: {self._stage}, {self.chunks_done:,}/{self.chunks:,} chunks; {rate:,.0f} nodes/s, "
+                f"{100 * self.done / max(self.total, 1):.0f}% done, about {_duration(left)} left")
+
+    def end(self) -> None:
+        seconds = time.perf_counter() - self.started
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+        else:
+            self.report(f"exact pass: done in {_duration(seconds)}")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @torch.no_grad()
 def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536, scratch: Optional[Scratch] = None,
-                 device: Optional[torch.device] = None, gather: Optional[bool] = None) -> ExactStates:
+                 device: Optional[torch.device] = None, gather: Optional[bool] = None,
+                 storage: Optional[torch.dtype] = None, progress: Optional[PassProgress] = None) -> ExactStates:
     """The final states of ``model`` (evaluated as it is: call ``model.eval()`` first) for every node of
     ``source``, exactly as ``model.diffuse(x, edge_index, edge_weight)[-1]`` over the whole graph.
 
     Chunks of ``chunk_nodes`` rows run on ``device`` (the model's by default) under the caller's autocast
-    (projections in its dtype, every sum in float32 or wider, as in training). The scratch arrays (the
-    states, updated in place, plus values, keys and degrees where the kernel needs them: about ``N x
-    (hidden + heads x width) x 4`` bytes of disk, twice the values' part for DIFFormer-a) come from ``scratch`` (a new :class:`Scratch` under the
-    system's temporary folder by default), whose collectives say which rank this is: call on every rank
-    with the same arguments. The graph term reads its sources' values straight from the scratch file on
-    the CPU; on another device (or with ``gather=True``) the rows a chunk needs are gathered to it.
+    (projections in its dtype, every sum in float32 or wider, as in training). The scratch arrays
+    (:func:`scratch_layout`: states and values in ``storage``, the model's dtype by default; about ``N x (hidden
+    + heads x width)`` times 4 bytes, or 2 in 16 bits, plus the keys for DIFFormer-a) come from ``scratch``
+    (a new :class:`Scratch` under the system's temporary folder by default), whose collectives say which rank
+    this is: call on every rank with the same arguments. The graph term reads its sources' values straight
+    from the scratch file on the CPU when they are stored in the dtype sums run in; otherwise (an accelerator,
+    16-bit storage, or ``gather=True``) the rows a chunk needs are gathered to the device. ``progress``
+    reports how far the pass is.
+
+    Raises :class:`ScratchError` when the scratch arrays cannot be created.
     """
     scratch = scratch or Scratch()
     collectives = scratch.collectives
     device = device or next(model.parameters()).device
-    gather_to = device if (gather if gather is not None else device.type != "cpu") else None
     conv = model.convs[0]
     num_nodes = source.num_nodes
     dtype = accumulation_dtype(next(model.parameters()).dtype)
+    layout = scratch_layout(model, num_nodes, storage)
+    direct = "value" in layout and layout["value"].dtype == dtype and device.type == "cpu"
+    # gather=False cannot read 16-bit storage or another device's values in place: those are always gathered
+    gather_to = device if not direct or (gather if gather is not None else False) else None
     chunks = chunk_ranges(num_nodes, chunk_nodes)
-    mine = list(enumerate(chunks))[collectives.rank::collectives.world_size]
-    arrays = scratch.get(*scratch_layout(model, num_nodes))
-    rows = _Rows(arrays, collectives, device, dtype)
+    groups = rank_groups(len(chunks), collectives.rank, collectives.world_size)
+    mine = [(index, chunks[index]) for _, members in groups for index in members]
+    arrays = scratch.get(layout)
+    rows = _Rows(arrays, layout, collectives, device, dtype)
+    timings = dict.fromkeys(("encode", "degrees", "statistics", "graph", "update"), 0.0)
+    timings["nodes"] = float(sum(stop - start for _, (start, stop) in mine))
+    timings["entries"] = 0.0
+    if progress is not None:
+        sweeps = 1 + len(model.convs) * (2 if conv.needs_graph or conv.kernel in ("simple", "sigmoid") else 1)
+        progress.begin(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps)
+        progress.stage("encoding")
     # The degrees depend on the graph only: computed in the first pass over it with these arrays.
     degrees = conv.needs_graph and ("inv_sqrt_degree", id(source)) not in scratch.filled
     for _, (start, stop) in mine:
+        clock = time.perf_counter()
         rows.write("h", start, model.encode(source.features(start, stop).to(device)))
+        timings["encode"] += time.perf_counter() - clock
         if degrees:
+            clock = time.perf_counter()
             edge_source, target, _ = source.in_edges(start, stop)
             rows.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
                        .to(dtype).pow(-0.5))
+            timings["degrees"] += time.perf_counter() - clock
+        if progress is not None:
+            progress.advance(stop - start)
     if degrees:
         scratch.filled.add(("inv_sqrt_degree", id(source)))
     rows.sync()
-    inv_sqrt_degree = torch.from_numpy(arrays["inv_sqrt_degree"]) if conv.needs_graph else None
+    inv_sqrt_degree = _to_torch(arrays["inv_sqrt_degree"], dtype) if conv.needs_graph else None
     for layer, conv in enumerate(model.convs):
-        stats = _first_pass(conv, rows, mine, len(chunks))
+        if progress is not None and (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
+            progress.stage(f"layer {layer + 1}/{len(model.convs)}, values")
+        clock = time.perf_counter()
+        stats = _first_pass(conv, rows, groups, chunks, progress)
+        timings["statistics"] += time.perf_counter() - clock
+        if progress is not None:
+            progress.stage(f"layer {layer + 1}/{len(model.convs)}, states")
         for _, (start, stop) in mine:
+            clock = time.perf_counter()
             h = rows.read("h", start, stop)
             query = conv.project(h, "q")[0] if conv.kernel in ("simple", "sigmoid") else None
             # this chunk's values as the first pass wrote them, else (no graph, 'none') projected again
@@ -212,64 +613,65 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
                     attention = _sigmoid_rows(conv, query, rows, chunks)
                 local = None
                 if conv.needs_graph:
+                    graph_clock = time.perf_counter()
                     edge_source, target, weight = source.in_edges(start, stop)
+                    timings["entries"] += edge_source.numel()
                     graph, ids = NormalizedGraph.rows(edge_source, target, weight, inv_sqrt_degree, start,
                                                       stop - start, gather_to)
                     local = conv.local(graph, rows.gather("value", ids), value)
+                    timings["graph"] += time.perf_counter() - graph_clock
+                    clock += time.perf_counter() - graph_clock
                 update = conv.combine(value, attention, local)
             rows.write("h", start, model.step(layer, h, update))
+            timings["update"] += time.perf_counter() - clock
+            if progress is not None:
+                progress.advance(stop - start)
         rows.sync()
-    return ExactStates(arrays["h"])
+    if progress is not None:
+        progress.end()
+    return ExactStates(arrays["h"], dtype, timings)
 
 
-def scratch_layout(model: DIFFormer, num_nodes: int) -> Tuple[Dict[str, Tuple[int, ...]], np.dtype]:
-    """The scratch arrays :func:`exact_states` needs for ``model`` over ``num_nodes`` nodes, and their dtype
-    (``Scratch.get(*scratch_layout(...))`` allocates them ahead of the first pass)."""
-    conv = model.convs[0]
-    # One state array, updated in place: a rank reads and writes only its own chunks' states (other ranks
-    # read its values, never its states), and a chunk is read before its new state is written.
-    shapes = {"h": (num_nodes, model.hidden_channels)}
-    per_node = (num_nodes, conv.num_heads, conv.out_channels)
-    if conv.needs_graph or conv.kernel == "sigmoid":
-        shapes["value"] = per_node
-    if conv.kernel == "sigmoid":
-        shapes["key"] = per_node
-    if conv.needs_graph:
-        shapes["inv_sqrt_degree"] = (num_nodes,)
-    dtype = accumulation_dtype(next(model.parameters()).dtype)
-    return shapes, np.dtype(str(dtype).replace("torch.", ""))
-
-
-def _first_pass(conv, scratch: "_Rows", mine, num_chunks: int) -> Optional[LinearAttentionStats]:
+def _first_pass(conv, scratch: "_Rows", groups: Sequence[Tuple[int, range]], chunks: Sequence[Tuple[int, int]],
+                progress: Optional[PassProgress]) -> Optional[LinearAttentionStats]:
     """Writes every node's values (and keys) where later passes gather them; for DIFFormer-s returns the
-    global statistics, summed over chunks in chunk order whatever the number of ranks."""
+    global statistics: each of this rank's groups of chunks summed in chunk order (float64), one row per
+    group of a table all-reduced over ranks, the rows added in group order (see the module docstring)."""
     if not (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
         return None
-    table, template = None, None
-    for index, (start, stop) in mine:
-        query, key, value = conv.project(scratch.read("h", start, stop))
-        if "value" in scratch.arrays:
-            scratch.write("value", start, value)
-        if conv.kernel == "sigmoid":
-            scratch.write("key", start, key)
-        if conv.kernel == "simple":
-            with torch.autocast(device_type=scratch.device.type, enabled=False):
-                template = conv.statistics(query, key, value)
-            flat = template.flatten().double()
-            if table is None:
-                table = flat.new_zeros(num_chunks, flat.numel())
-            table[index] = flat
-    if conv.kernel != "simple":
+    simple = conv.kernel == "simple"
+    template = None
+    if simple:  # the statistics' layout (shapes), from a zero row
+        zeros = torch.zeros(1, conv.num_heads, conv.out_channels, device=scratch.device, dtype=scratch.dtype)
+        template = conv.statistics(zeros, zeros, zeros)
+    table = (template.flatten().double().new_zeros(len(chunk_groups(len(chunks))), template.flatten().numel())
+             if simple else None)
+    for group, members in groups:
+        group_sum = None
+        for index in members:
+            start, stop = chunks[index]
+            query, key, value = conv.project(scratch.read("h", start, stop))
+            if "value" in scratch.arrays:
+                scratch.write("value", start, value)
+            if conv.kernel == "sigmoid":
+                scratch.write("key", start, key)
+            if simple:
+                with torch.autocast(device_type=scratch.device.type, enabled=False):
+                    flat = conv.statistics(query, key, value).flatten().double()
+                group_sum = flat if group_sum is None else group_sum.add_(flat)
+            if progress is not None:
+                progress.advance(stop - start)
+        if simple and group_sum is not None:
+            table[group] = group_sum
+    if not simple:
         scratch.sync()
         return None
-    if template is None:  # this rank has no chunk: its slots stay zero
-        width, heads = conv.out_channels, conv.num_heads
-        zeros = torch.zeros(1, 1, heads, width, device=scratch.device, dtype=scratch.dtype)
-        template = LinearAttentionStats.of(zeros, zeros, zeros, conv.qk_norm)
-        table = template.flatten().double().new_zeros(num_chunks, template.flatten().numel())
     table = scratch.collectives.all_reduce(table)
     scratch.sync()
-    return template.unflatten(table.sum(dim=0).to(scratch.dtype))
+    total = table[0].clone()
+    for row in table[1:]:  # in group order, one row at a time: the same additions for any number of ranks
+        total.add_(row)
+    return template.unflatten(total).to(scratch.dtype)
 
 
 def _sigmoid_rows(conv, query: Tensor, scratch: "_Rows", chunks) -> Tensor:
@@ -289,23 +691,29 @@ def _sigmoid_rows(conv, query: Tensor, scratch: "_Rows", chunks) -> Tensor:
 
 
 class _Rows:
-    """Reads and writes rows of the scratch arrays, moving them between the CPU and the device."""
+    """Reads and writes rows of the scratch arrays, moving them between the CPU (in their storage dtype) and
+    the device (in ``dtype``, the dtype sums run in)."""
 
-    def __init__(self, arrays, collectives: Collectives, device: torch.device, dtype: torch.dtype) -> None:
-        self.arrays, self.collectives, self.device, self.dtype = arrays, collectives, device, dtype
+    def __init__(self, arrays, layout: Layout, collectives: Collectives, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.arrays, self.layout, self.collectives, self.device, self.dtype = arrays, layout, collectives, device, dtype
 
     def read(self, name: str, start: int, stop: int) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.arrays[name][start:stop])).to(self.device)
+        return _to_torch(np.ascontiguousarray(self.arrays[name][start:stop]), self.layout[name].dtype) \
+            .to(self.device).to(self.dtype)
 
     def gather(self, name: str, ids: Optional[Tensor]) -> Tensor:
         """Rows ``ids`` (sorted, unique) of ``name`` on the device; ``None``: the whole array, memory-mapped
-        (on the CPU, where a sparse product reads only the rows it needs)."""
+        (on the CPU, stored in ``dtype``: a sparse product then reads only the rows it needs)."""
         if ids is None:
             return torch.from_numpy(self.arrays[name])
-        return torch.from_numpy(self.arrays[name][ids.cpu().numpy()]).to(self.device)
+        return _to_torch(self.arrays[name][ids.cpu().numpy()], self.layout[name].dtype).to(self.device).to(self.dtype)
 
     def write(self, name: str, start: int, rows: Tensor) -> None:
-        self.arrays[name][start:start + rows.size(0)] = rows.detach().to("cpu", self.dtype).numpy()
+        stored = rows.detach().to("cpu", self.layout[name].dtype)
+        if stored.dtype == torch.bfloat16:
+            stored = stored.view(torch.uint16)
+        self.arrays[name][start:start + rows.size(0)] = stored.numpy()
 
     def sync(self) -> None:
         """Every rank's rows visible to every rank: written back first when ranks share a file system."""
@@ -318,24 +726,30 @@ class _Rows:
 @torch.no_grad()
 def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_536,
                         workdir: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
-                        gather: Optional[bool] = None) -> Tensor:
+                        gather: Optional[bool] = None, nodes: Optional[Tensor] = None,
+                        progress: Optional[PassProgress] = None) -> Tensor:
     """Logits ``[N, out_channels]`` of ``model`` (in eval mode) over every node of ``source``, in one
-    process: :func:`exact_states` and :meth:`DIFFormer.decode` chunk by chunk. Returned in memory, or,
-    with ``out``, written to that ``.npy`` file (a temporary name, then renamed) and returned
-    memory-mapped (for 111M nodes x 172 classes they take 76 GB)."""
+    process: :func:`exact_states` and :meth:`DIFFormer.decode` chunk by chunk. ``nodes`` (sorted node ids)
+    keeps only their rows (``[len(nodes), out_channels]``, in that order). Returned in memory, or, with
+    ``out``, written to that ``.npy`` file (a temporary name, then renamed) and returned memory-mapped (for
+    111M nodes x 172 classes they take 76 GB). The scratch folder (``workdir``, the system's temporary
+    folder by default) is checked before the pass (:meth:`Scratch.check`) and removed after it."""
     model.eval()
-    scratch = Scratch(workdir)
+    scratch = Scratch(workdir, option="workdir")
     try:
-        states = exact_states(model, source, chunk_nodes, scratch, gather=gather)
-        classes, num_nodes = model.lin_out.out_features, source.num_nodes
+        scratch.check(scratch_layout(model, source.num_nodes))
+        states = exact_states(model, source, chunk_nodes, scratch, gather=gather, progress=progress)
+        classes = model.lin_out.out_features
+        count = source.num_nodes if nodes is None else nodes.numel()
         if out is None:
-            logits = np.empty((num_nodes, classes), np.float32)
+            logits = np.empty((count, classes), np.float32)
         else:
             out, staging = Path(out), staging_path(out)
-            logits = np.lib.format.open_memmap(staging, "w+", np.float32, (num_nodes, classes))
+            logits = np.lib.format.open_memmap(staging, "w+", np.float32, (count, classes))
         device = next(model.parameters()).device
-        for start, stop in chunk_ranges(num_nodes, chunk_nodes):
-            logits[start:stop] = model.decode(states.rows(slice(start, stop)).to(device)).float().cpu().numpy()
+        for start, stop in chunk_ranges(count, chunk_nodes):
+            ids = slice(start, stop) if nodes is None else nodes[start:stop]
+            logits[start:stop] = model.decode(states.rows(ids).to(device)).float().cpu().numpy()
         if out is None:
             return torch.from_numpy(logits)
         logits.flush()

@@ -21,13 +21,13 @@ from difformer_lightning.io import atomic_file, publish, staging_path
 def test_every_data_module_of_the_project_implements_the_whole_contract(data_class):
     assert missing_members(data_class) == []
     assert set(DATA_MEMBERS) == {"num_features", "num_outputs", "task", "metric", "num_nodes", "max_batch_nodes",
-                                 "describe", "probe_batch", "evaluation_plan"}
+                                 "describe", "probe_batch", "prediction_nodes", "evaluation_plan"}
 
 
 def test_a_data_module_missing_part_of_the_contract_is_named_before_any_data_is_loaded(tmp_path):
     from cli_helpers import IncompleteData
     with pytest.raises(TypeError, match="IncompleteData lacks num_outputs, task, metric, num_nodes, "
-                                        "max_batch_nodes, describe, probe_batch, evaluation_plan of the data contract"):
+                                        "max_batch_nodes, describe, probe_batch, prediction_nodes, evaluation_plan of the data contract"):
         check_data_module(IncompleteData())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
