@@ -5,6 +5,7 @@ batch carries its nodes' features, labels, split masks and the subgraph they ind
 built from the store's CSR by gathering only its own nodes' neighbour lists, so one epoch costs
 O(E) in total, where the reference scheme scans the whole edge list for every batch.
 """
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Literal, Optional, Tuple
 
@@ -431,7 +432,9 @@ def read_node_ids(path: Path, num_nodes: int) -> Tensor:
     order. Raises a ``ValueError`` naming the file and the problem: not integers, not 1-D, empty, an id outside
     ``[0, num_nodes)``, an id twice."""
     try:
-        ids = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+        with warnings.catch_warnings():  # an empty file: refused below by name
+            warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+            ids = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
     except ValueError as error:
         raise ValueError(f"predict_nodes {path}: not a file of integer node ids ({error})") from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):

@@ -102,7 +102,6 @@ class EncoderModule(pl.LightningModule):
             self._scratch = Scratch(self._exact_plan.scratch_dir, collectives)
             if self.global_rank == 0:
                 self._scratch.remove_stale()
-            strategy.barrier()
             self._scratch.check(self._scratch_layout())
 
     def forward(self, batch: Data) -> Tensor:

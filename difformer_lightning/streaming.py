@@ -154,7 +154,11 @@ def layout_bytes(layout: Layout) -> int:
 
 
 def format_bytes(count: int) -> str:
-    return f"{count:,} bytes ({count / 1e9:,.1f} GB)"
+    """``"6,400,000 bytes (6.4 MB)"``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count:,} bytes ({count / size:,.1f} {unit})"
+    return f"{count:,} bytes"
 
 
 class Scratch:
@@ -174,9 +178,9 @@ class Scratch:
     """
 
     PREFIX = "difformer-exact-"
+    # A folder is created under this name, locked, then renamed: another process never sees it unlocked.
+    CREATING = ".difformer-exact-creating-"
     LOCK = "lock"
-    # A folder whose lock file is younger than this is left alone: its creator may be about to lock it.
-    STALE_AFTER_S = 60.0
 
     def __init__(self, scratch_dir: Optional[Union[str, Path]] = None,
                  collectives: Optional[Collectives] = None, option: str = "data.scratch_dir") -> None:
@@ -198,31 +202,40 @@ class Scratch:
 
     def _remedy(self) -> str:
         return (f"point {self.option} at a folder on a local disk with room, store states in 16 bits "
-                f"(--trainer.precision bf16-mixed), or evaluate by batches (evaluation='partition')")
+                f"(they are under a bf16-mixed or 16-mixed precision), or evaluate by batches (evaluation='partition')")
 
     def check(self, layout: Layout) -> None:
         """Raises a :class:`ScratchError` unless the scratch folder exists, can be written, and has room for
-        ``layout`` (counting the space this object's own arrays already take). Called on every rank."""
+        ``layout`` (counting the space this object's own arrays already take). A collective: rank 0 looks and
+        every rank raises the same error, so none is left waiting for another."""
+        problem = self.problem(layout) if self.collectives.rank == 0 else None
+        problem = self.collectives.broadcast(problem)
+        if problem is not None:
+            raise ScratchError(problem)
+
+    def problem(self, layout: Layout) -> Optional[str]:
+        """What :meth:`check` refuses, as a message, or ``None``."""
         folder = self.scratch_dir
         needed = layout_bytes(layout)
         if not folder.exists():
-            raise ScratchError(f"{self._where()} does not exist: exact evaluation keeps {format_bytes(needed)} of "
-                               f"scratch arrays there; create the folder, or {self._remedy()}")
+            return (f"{self._where()} does not exist: exact evaluation keeps {format_bytes(needed)} of scratch "
+                    f"arrays there; create the folder, or {self._remedy()}")
         if not folder.is_dir():
-            raise ScratchError(f"{self._where()} is not a folder; {self._remedy()}")
+            return f"{self._where()} is not a folder; {self._remedy()}"
         try:
             probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".difformer-probe-")
             probe.close()
         except OSError as error:
-            raise ScratchError(f"{self._where()} cannot be written ({error.strerror or error}): exact evaluation "
-                               f"needs {format_bytes(needed)} of scratch arrays there; {self._remedy()}") from None
+            return (f"{self._where()} cannot be written ({error.strerror or error}): exact evaluation needs "
+                    f"{format_bytes(needed)} of scratch arrays there; {self._remedy()}")
         if self.arrays:  # reused arrays, or replaced ones: their space comes back
             needed = max(0, needed - layout_bytes(self._layout))
         free = free_bytes(folder)
         if needed > free:
-            raise ScratchError(f"{self._where()} has {format_bytes(free)} free, but exact evaluation needs "
-                               f"{format_bytes(needed)} for its scratch arrays ({describe_layout(layout)}); "
-                               f"free space, or {self._remedy()}")
+            return (f"{self._where()} has {format_bytes(free)} free, but exact evaluation needs "
+                    f"{format_bytes(needed)} for its scratch arrays ({describe_layout(layout)}); free space, or "
+                    f"{self._remedy()}")
+        return None
 
     def remove_stale(self) -> List[Tuple[Path, int]]:
         """Deletes the folders of exact passes under ``scratch_dir`` that no running process holds (their lock
@@ -231,12 +244,15 @@ class Scratch:
         removed = []
         try:
             candidates = sorted(self.scratch_dir.glob(self.PREFIX + "*"))
+            # folders whose creator died before renaming them: an hour is far longer than a creation takes
+            candidates += [folder for folder in sorted(self.scratch_dir.glob(self.CREATING + "*"))
+                           if time.time() - folder.stat().st_mtime > 3600]
         except OSError:
             return removed
         for folder in candidates:
             if folder == self.folder or not folder.is_dir():
                 continue
-            if _unused(folder / self.LOCK, self.STALE_AFTER_S):
+            if _unused(folder / self.LOCK):
                 size = _disk_bytes(folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 if not folder.exists():
@@ -280,8 +296,10 @@ class Scratch:
 
     def _create_folder(self) -> Path:
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.scratch_dir))
-        self._lock = _lock_shared(folder / self.LOCK)
+        creating = Path(tempfile.mkdtemp(prefix=f"{self.CREATING}{os.getpid()}-", dir=self.scratch_dir))
+        self._lock = _lock_shared(creating / self.LOCK)
+        folder = self.scratch_dir / (self.PREFIX + creating.name[len(self.CREATING):])
+        creating.rename(folder)  # locked before any other process can see it under the name they clean
         return folder
 
     def _create_files(self, layout: Layout) -> Optional[str]:
@@ -350,14 +368,12 @@ def _lock_shared(path: Path) -> int:
     return descriptor
 
 
-def _unused(lock: Path, min_age_s: float) -> bool:
-    """Whether no process holds ``lock`` (an exclusive lock can be taken) and it is older than ``min_age_s``;
-    a folder without a lock file counts as unused when the folder is more than an hour old."""
+def _unused(lock: Path) -> bool:
+    """Whether no process holds ``lock`` (an exclusive lock can be taken); a folder without a lock file (made
+    by a version without locks) counts as unused when it is more than an hour old."""
     try:
         if not lock.exists():
             return time.time() - lock.parent.stat().st_mtime > 3600
-        if time.time() - lock.stat().st_mtime < min_age_s:
-            return False
         descriptor = os.open(lock, os.O_RDWR)
     except OSError:
         return False
@@ -448,17 +464,14 @@ def chunk_ranges(num_nodes: int, chunk_nodes: int) -> List[Tuple[int, int]]:
 
 
 def chunk_groups(num_chunks: int, groups: int = STATISTICS_GROUPS) -> List[range]:
-    """``min(groups, num_chunks)`` ranges of consecutive chunk indices covering ``0 .. num_chunks - 1``, sizes
-    differing by at most one (the larger first). They depend on the number of chunks only, never on the
-    number of ranks."""
-    count = min(groups, num_chunks)
-    if count == 0:
-        return []
-    size, larger = divmod(num_chunks, count)
+    """``groups`` ranges of consecutive chunk indices covering ``0 .. num_chunks - 1``, sizes differing by at
+    most one (the larger first; empty ones when there are fewer chunks than groups). They depend on the number
+    of chunks only, never on the number of ranks."""
+    size, larger = divmod(num_chunks, groups)
     bounds = [0]
-    for index in range(count):
+    for index in range(groups):
         bounds.append(bounds[-1] + size + (index < larger))
-    return [range(bounds[i], bounds[i + 1]) for i in range(count)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(groups)]
 
 
 def rank_groups(num_chunks: int, rank: int, world_size: int) -> List[Tuple[int, range]]:
@@ -644,8 +657,7 @@ def _first_pass(conv, scratch: "_Rows", groups: Sequence[Tuple[int, range]], chu
     if simple:  # the statistics' layout (shapes), from a zero row
         zeros = torch.zeros(1, conv.num_heads, conv.out_channels, device=scratch.device, dtype=scratch.dtype)
         template = conv.statistics(zeros, zeros, zeros)
-    table = (template.flatten().double().new_zeros(len(chunk_groups(len(chunks))), template.flatten().numel())
-             if simple else None)
+    table = template.flatten().new_zeros(STATISTICS_GROUPS, template.flatten().numel()) if simple else None
     for group, members in groups:
         group_sum = None
         for index in members:

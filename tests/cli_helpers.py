@@ -49,3 +49,15 @@ class IncompleteData(pl.LightningDataModule):
     def __init__(self, size: int = 10) -> None:
         super().__init__()
         self.size = size
+
+
+class ScratchWatcher(pl.Callback):
+    """Writes ``<out>``: the entries of ``scratch_dir`` at the first training step, and whether an exact pass
+    ran before it (tests/test_exact_scale.py: the scratch is created at the first evaluation, not in setup)."""
+
+    def __init__(self, scratch_dir: str, out: str) -> None:
+        self.scratch_dir, self.out = Path(scratch_dir), Path(out)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            self.out.write_text(json.dumps(sorted(path.name for path in self.scratch_dir.iterdir())))
