@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from difformer_lightning.contracts import SPLITS
+from difformer_lightning.graph import edge_targets
 
 from difformer_lightning.io import atomic_file
 
@@ -87,14 +88,19 @@ class GraphStore:
         """Features of nodes ``start .. stop - 1`` as float32 (:class:`~difformer_lightning.contracts.GraphSource`)."""
         return self.x[start:stop].float()
 
-    def in_edges(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The edges into nodes ``start .. stop - 1``: sources (global ids), targets (``- start``), weights
-        or ``None`` (:class:`~difformer_lightning.contracts.GraphSource`). Reads only those CSR rows."""
+    def in_rows(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The edges into nodes ``start .. stop - 1`` as stored: ``rowptr[start:stop + 1]``, the sources (the
+        memory-mapped ``col`` rows, int32 or int64, not copied) and the weights or ``None``
+        (:class:`~difformer_lightning.contracts.GraphSource`). Reads only those CSR rows."""
         begin, end = int(self.rowptr[start]), int(self.rowptr[stop])
-        counts = self.rowptr[start + 1:stop + 1] - self.rowptr[start:stop]
-        target = torch.repeat_interleave(torch.arange(stop - start), counts, output_size=end - begin)
         weight = self.edge_weight[begin:end].float() if self.edge_weight is not None else None
-        return self.col[begin:end].long(), target, weight
+        return self.rowptr[start:stop + 1], self.col[begin:end], weight
+
+    def in_edges(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The edges into nodes ``start .. stop - 1``: sources (global ids, int64), targets (``- start``),
+        weights or ``None``. Reads only those CSR rows."""
+        row_pointer, source, weight = self.in_rows(start, stop)
+        return source.long(), edge_targets(row_pointer), weight
 
     @classmethod
     def open(cls, path: Union[str, Path], validate: bool = True) -> "GraphStore":

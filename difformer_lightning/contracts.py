@@ -31,10 +31,12 @@ class GraphSource(Protocol):
     def features(self, start: int, stop: int) -> Tensor:
         """Features of nodes ``start .. stop - 1``: ``[stop - start, F]`` float32."""
 
-    def in_edges(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Every edge into nodes ``start .. stop - 1``, duplicates and self loops as stored: the sources'
-        global ids ``[E]`` int64, the targets' positions ``target - start`` ``[E]`` int64, and the edge
-        weights ``[E]`` float32 (``None`` for an unweighted graph)."""
+    def in_rows(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Every edge into nodes ``start .. stop - 1``, duplicates and self loops as stored, in CSR form:
+        ``row_pointer`` ``[stop - start + 1]`` int64 (the edges of target ``start + i`` are
+        ``row_pointer[i] - row_pointer[0] ..`` of the others; any base), the sources' global ids ``[E]`` (int32
+        or int64) grouped by target in that order, and the edge weights ``[E]`` float32 (``None`` for an
+        unweighted graph)."""
 
 
 @dataclass(frozen=True)

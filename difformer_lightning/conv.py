@@ -90,6 +90,12 @@ class DIFFormerConv(nn.Module):
     def needs_graph(self) -> bool:
         return self.use_graph or self.kernel in ("gcn", "gat")
 
+    @property
+    def needs_edge_list(self) -> bool:
+        """Whether :meth:`local` reads the graph's edges one by one (GAT's attention over them), not only
+        through :meth:`NormalizedGraph.propagate`."""
+        return self.kernel == "gat"
+
     def reset_parameters(self) -> None:
         for lin in (self.query, self.key, self.value):
             if lin is not None:
@@ -165,11 +171,12 @@ class DIFFormerConv(nn.Module):
         """The diffusion along the graph, ``[T, H, D]``: :math:`\\hat{A} V` (the graph term, and
         ``'gcn'``), or GAT attention over each target's in-edges (``'gat'``). ``graph`` holds rows of
         :math:`\\hat{A}` (all of them, or a block of targets), ``source_value`` ``[S, H, D]`` the values of
-        its columns, ``target_value`` ``[T, H, D]`` those of its rows (used by ``'gat'``)."""
+        its columns, ``target_value`` ``[T, H, D]`` those of its rows (used by ``'gat'``, and by a block of
+        :meth:`NormalizedGraph.row_block` for its self loops)."""
         if self.kernel == "gat":
             return edge_attention(source_value[graph.source], target_value, graph.target,
                                   self.att_source.to(source_value.dtype), self.att_target.to(source_value.dtype))
-        return graph.propagate(source_value)
+        return graph.propagate(source_value, target_value)
 
     def combine(self, value: Tensor, attention: Optional[Tensor], local: Optional[Tensor]) -> Tensor:
         """The layer's output ``[N, out_channels]``: the kernel's diffusion mixed with the graph term

@@ -14,6 +14,7 @@ graph, the partition batches, and the streamed exact forward over the rows of a 
 
 Source: the reference's ``gcn_conv`` and ``DIFFormer`` forward (DIFFORMER.md section 1).
 """
+import math
 import warnings
 from typing import List, Optional, Tuple
 
@@ -35,20 +36,11 @@ def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_
     Shapes: ``source``, ``target``, ``weight`` ``[E]`` -> the same three ``[E' ]`` (``weight`` stays
     ``None`` when it is).
     """
-    is_loop = source == target + start
-    any_loop = bool(is_loop.any())
-    keep = ~is_loop
+    keep, loop_weight = self_loop_rule(source, target, weight, num_targets, start)
     loops = torch.arange(num_targets, device=target.device)
-    loop_weight = None
-    if weight is not None:
+    if weight is not None and loop_weight is None:
         loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
-        if any_loop:
-            position = torch.nonzero(is_loop).flatten()
-            last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
-            last.scatter_reduce_(0, target[position], position, reduce="amax")
-            has_loop = last >= 0
-            loop_weight[has_loop] = weight[last[has_loop]]
-    kept = (lambda t: t[keep]) if any_loop else (lambda t: t)  # noqa: E731  (no copy without loops)
+    kept = (lambda t: t[keep]) if keep is not None else (lambda t: t)  # noqa: E731  (no copy without loops)
     parts = [(kept(source), loops + start), (kept(target), loops)] + \
         ([(kept(weight), loop_weight)] if weight is not None else [])
     if target.numel() and bool((target[1:] >= target[:-1]).all()):
@@ -67,11 +59,42 @@ def one_self_loop(source: Tensor, target: Tensor, weight: Optional[Tensor], num_
     return merged[0], merged[1], merged[2] if weight is not None else None
 
 
+def edge_targets(row_pointer: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """The target position (``0 .. T - 1``) of every edge of a CSR block with ``row_pointer`` ``[T + 1]``."""
+    counts = row_pointer.diff()
+    return torch.repeat_interleave(torch.arange(counts.numel(), dtype=dtype, device=row_pointer.device), counts,
+                                   output_size=int(row_pointer[-1] - row_pointer[0]))
+
+
+def self_loop_rule(source: Tensor, target: Tensor, weight: Optional[Tensor], num_targets: int,
+                   start: int = 0) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The self-loop rule of :func:`one_self_loop` for the in-edges of targets ``start ..`` (``source`` global
+    ids, ``target`` positions in the block, int32 or int64): ``(keep, loop_weight)``, ``keep`` the bool mask
+    ``[E]`` of the edges that are not self loops (``None`` when there is no self loop: all are kept), and
+    ``loop_weight`` ``[num_targets]`` the weight of each target's one self loop: its last existing loop's
+    weight in edge order, else 1 (``None`` when every loop weighs 1: no self loop, or no weights)."""
+    is_loop = source == target + start
+    if not bool(is_loop.any()):
+        return None, None
+    loop_weight = None
+    if weight is not None:
+        loop_weight = torch.ones(num_targets, dtype=weight.dtype, device=weight.device)
+        position = torch.nonzero(is_loop).flatten()
+        last = torch.full((num_targets,), -1, dtype=torch.long, device=target.device)
+        last.scatter_reduce_(0, target[position].long(), position, reduce="amax")
+        has_loop = last >= 0
+        loop_weight[has_loop] = weight[last[has_loop]]
+    return ~is_loop, loop_weight
+
+
 def gcn_degree(source: Tensor, target: Tensor, num_targets: int, start: int = 0) -> Tensor:
     """In-degrees of targets ``start ..`` after :func:`one_self_loop`: in-edges other than self loops,
     plus one. Counts edges, not weights (as the reference). ``[num_targets]`` int64, never 0."""
-    not_loop = source != target + start
-    return torch.bincount(target[not_loop], minlength=num_targets) + 1
+    degree = torch.bincount(target, minlength=num_targets) + 1
+    is_loop = source == target + start
+    if bool(is_loop.any()):
+        degree -= torch.bincount(target[is_loop], minlength=num_targets)
+    return degree
 
 
 def normalized_in_edges(source: Tensor, target: Tensor, weight: Optional[Tensor], inv_sqrt_degree: Tensor,
@@ -110,13 +133,19 @@ class NormalizedGraph:
     (:math:`\hat{A}^\top`, for gradients) is built on first use and then shared by every layer.
     """
 
-    def __init__(self, source: Tensor, target: Tensor, edge_weight: Tensor, num_targets: int,
-                 num_sources: int) -> None:
+    def __init__(self, source: Optional[Tensor], target: Optional[Tensor], edge_weight: Optional[Tensor],
+                 num_targets: int, num_sources: int, adjacency: Optional[Tensor] = None,
+                 row_scale: Optional[Tensor] = None, loop_values: Optional[Tensor] = None) -> None:
         self.source, self.target, self.edge_weight = source, target, edge_weight
         self.num_targets, self.num_sources = num_targets, num_sources
-        self.adjacency = _csr(target, source, edge_weight, num_targets, num_sources)
+        self.adjacency = adjacency if adjacency is not None else _csr(target, source, edge_weight, num_targets,
+                                                                      num_sources)
         self._transposed: Optional[Tensor] = None
         self._cast: dict = {}  # the matrices in each dtype products asked for
+        # A block of rows from :meth:`row_block` (no edge list): adjacency holds the edges without self loops,
+        # scaled by their sources' degrees only; each row is scaled by its target's (row_scale) and its one self
+        # loop added apart (loop_values, times the target's own values).
+        self.row_scale, self.loop_values = row_scale, loop_values
 
     @property
     def num_nodes(self) -> int:
@@ -166,6 +195,60 @@ class NormalizedGraph:
         ids, columns = torch.unique(source, return_inverse=True)
         return cls(columns.to(gather_to), target.to(gather_to), values.to(gather_to), num_targets, ids.numel()), ids
 
+    @classmethod
+    def row_block(cls, row_pointer: Tensor, source: Tensor, weight: Optional[Tensor], inv_sqrt_degree: Tensor,
+                  start: int, has_loops: bool = True,
+                  gather_to: Optional[torch.device] = None) -> Tuple["NormalizedGraph", Optional[Tensor]]:
+        """Rows ``start .. start + T - 1`` of :math:`\\hat{A}` from their in-edges in CSR form, for the graph
+        term without gradients: ``row_pointer`` ``[T + 1]`` (offsets into ``source``, from any base),
+        ``source`` ``[E]`` (global ids, int32 or int64, as a store keeps them), ``weight`` ``[E]`` or ``None``,
+        ``inv_sqrt_degree`` of every node; ``has_loops=False`` promises no self loop among them (their check
+        is skipped).
+
+        The same matrix as :meth:`rows` (the same rules: :func:`self_loop_rule`, :func:`gcn_degree`,
+        NaN/inf values zeroed), laid out for a cheap build from a store's rows: the edges keep the store's
+        order and dtype (no merge of self loops, no sort, no per-edge target), the target's normalisation is
+        a scale of each output row and the self loop a term of its own, so :meth:`propagate` needs the
+        targets' own values too. Returns the block and, as :meth:`rows` does, the sorted distinct sources
+        (``gather_to``: the block's columns are those, on that device) or ``None`` (columns: all N nodes).
+        """
+        num_targets = row_pointer.numel() - 1
+        counts = row_pointer.diff()
+        dtype = inv_sqrt_degree.dtype
+        loop_weight = None
+        if weight is not None:
+            weight = weight.to(dtype)
+        if has_loops:
+            target = edge_targets(row_pointer, source.dtype)
+            keep, loop_weight = self_loop_rule(source, target, weight, num_targets, start)
+            if keep is not None:
+                source, counts = source[keep], torch.bincount(target[keep], minlength=num_targets)
+                weight = weight[keep] if weight is not None else None
+        values = inv_sqrt_degree[source]
+        if weight is not None:
+            values = values * weight
+        row_scale = inv_sqrt_degree[start:start + num_targets]
+        loop_values = row_scale.square()
+        if loop_weight is not None:
+            loop_values = loop_values * loop_weight
+        if weight is not None:  # the rule zeroes non-finite values of A^; the degrees are finite
+            values, loop_values = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (values, loop_values))
+        ids, columns, num_columns = None, source, inv_sqrt_degree.numel()
+        if gather_to is not None:
+            ids, columns = torch.unique(source, return_inverse=True)
+            num_columns = ids.numel()
+        # int32 indices where they fit (a store's col): no int64 copy of the chunk's edges
+        index_dtype = torch.int32 if columns.dtype == torch.int32 and source.numel() < 2**31 else torch.int64
+        pointer = torch.zeros(num_targets + 1, dtype=index_dtype, device=source.device)
+        pointer[1:] = torch.cumsum(counts, dim=0)
+        device = gather_to or source.device
+        with warnings.catch_warnings():  # torch warns about sparse CSR on every build
+            warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
+            adjacency = torch.sparse_csr_tensor(pointer.to(device), columns.to(device, index_dtype), values.to(device),
+                                                size=(num_targets, num_columns))
+        return cls(None, None, None, num_targets, num_columns, adjacency, row_scale.to(device),
+                   loop_values.to(device)), ids
+
     def matmul(self, dense: Tensor, transpose: bool = False, out: Optional[Tensor] = None,
                alpha: float = 1.0) -> Tensor:
         """:math:`\\hat{A}` ``dense`` (:math:`\\hat{A}^\\top` ``dense`` with ``transpose``), no autograd: a new
@@ -177,9 +260,10 @@ class NormalizedGraph:
             self._cast[key] = (self.transposed if transpose else self.adjacency).to(dense.dtype)
         return sparse_matmul(self._cast[key], dense, out, alpha)
 
-    def propagate(self, values: Tensor) -> Tensor:
+    def propagate(self, values: Tensor, target_values: Optional[Tensor] = None) -> Tensor:
         """:math:`\\hat{A} V` for ``values`` ``[num_sources, ...]`` -> ``[num_targets, ...]``, in float32
-        (or float64 for float64 values).
+        (or float64 for float64 values). A block of :meth:`row_block` also needs ``target_values``
+        ``[num_targets, ...]``, the targets' own rows of ``V`` (their self loops).
 
         Sparse CSR products have no bfloat16 kernel (nor a bfloat16 backward), so the product runs in
         float32 with autocast off. Its gradient is :math:`\\hat{A}^\\top G` with the cached ``transposed``:
@@ -188,7 +272,16 @@ class NormalizedGraph:
         shape = values.shape
         with torch.autocast(device_type=values.device.type, enabled=False):
             dtype = accumulation_dtype(values.dtype)
-            out = _Propagate.apply(self, values.reshape(shape[0], -1).to(dtype))
+            width = math.prod(shape[1:])  # not -1: a block may have no source row
+            if self.row_scale is None:
+                out = _Propagate.apply(self, values.reshape(shape[0], width).to(dtype))
+            else:  # a row block: no gradient (see row_block)
+                if target_values is None:
+                    raise ValueError("a row block of NormalizedGraph.row_block adds each target's self loop: pass the "
+                                     "targets' own values as target_values")
+                out = self.matmul(values.reshape(shape[0], width).to(dtype))
+                out.mul_(self.row_scale.to(dtype).unsqueeze(1))
+                out.addcmul_(self.loop_values.to(dtype).unsqueeze(1), target_values.reshape(self.num_targets, width))
         return out.reshape(self.num_targets, *shape[1:])
 
 
@@ -237,7 +330,7 @@ def _column_blocks(matrix: Tensor, columns_per_block: int) -> List[Tuple[int, Te
     """``matrix`` (sparse CSR ``[M, K]``) cut into blocks of at most ``columns_per_block`` columns: ``(first column,
     block [M, columns])`` for every block holding an entry. One stable sort by block keeps each row's entries in
     their order."""
-    row_pointer, columns, values = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+    row_pointer, columns, values = matrix.crow_indices().long(), matrix.col_indices().long(), matrix.values()
     num_rows, num_columns = matrix.shape
     rows = torch.repeat_interleave(torch.arange(num_rows, device=columns.device), row_pointer.diff(),
                                    output_size=columns.numel())

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .attention import LinearAttentionStats, sigmoid_rows_per_block
 from .contracts import GraphSource
-from .graph import NormalizedGraph, accumulation_dtype, gcn_degree
+from .graph import NormalizedGraph, accumulation_dtype, edge_targets, gcn_degree
 from .io import publish, staging_path
 from .model import DIFFormer
 
@@ -192,8 +192,8 @@ class Scratch:
         self._lock: Optional[int] = None
         self._layout: Optional[Layout] = None
         self.arrays: Dict[str, np.ndarray] = {}
-        # arrays that hold what they hold for the whole run (the degrees of the graph given by `key`)
-        self.filled: set = set()
+        # what the arrays hold for the whole run: ("degrees", id(graph), chunk_nodes) -> the chunks with self loops
+        self.filled: dict = {}
         atexit.register(self.close)
 
     def _where(self) -> str:
@@ -266,7 +266,7 @@ class Scratch:
         every rank calls it. Raises a :class:`ScratchError` on every rank when the files cannot be created."""
         if layout == self._layout:
             return self.arrays
-        self.arrays, self._layout, self.filled = {}, None, set()
+        self.arrays, self._layout, self.filled = {}, None, {}
         collectives = self.collectives
         if self.folder is None:
             folder = None
@@ -330,7 +330,7 @@ class Scratch:
         return None
 
     def close(self) -> None:
-        self.arrays, self._layout, self.filled = {}, None, set()
+        self.arrays, self._layout, self.filled = {}, None, {}
         if self.folder is not None and self.collectives.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self._lock is not None:
@@ -586,22 +586,27 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
         sweeps = 1 + len(model.convs) * (2 if conv.needs_graph or conv.kernel in ("simple", "sigmoid") else 1)
         progress.begin(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps)
         progress.stage("encoding")
-    # The degrees depend on the graph only: computed in the first pass over it with these arrays.
-    degrees = conv.needs_graph and ("inv_sqrt_degree", id(source)) not in scratch.filled
-    for _, (start, stop) in mine:
+    # The degrees depend on the graph only: computed in the first pass over it with these arrays, with the
+    # chunks that hold a self loop (the others' graph rows skip looking for them).
+    known = scratch.filled.get(("degrees", id(source), chunk_nodes))
+    loops = known if known is not None else set()
+    for index, (start, stop) in mine:
         clock = time.perf_counter()
         rows.write("h", start, model.encode(source.features(start, stop).to(device)))
         timings["encode"] += time.perf_counter() - clock
-        if degrees:
+        if conv.needs_graph and known is None:
             clock = time.perf_counter()
-            edge_source, target, _ = source.in_edges(start, stop)
+            row_pointer, edge_source, _ = source.in_rows(start, stop)
+            target = edge_targets(row_pointer, edge_source.dtype)
             rows.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
                        .to(dtype).pow(-0.5))
+            if bool((edge_source == target + start).any()):
+                loops.add(index)
             timings["degrees"] += time.perf_counter() - clock
         if progress is not None:
             progress.advance(stop - start)
-    if degrees:
-        scratch.filled.add(("inv_sqrt_degree", id(source)))
+    if conv.needs_graph:
+        scratch.filled[("degrees", id(source), chunk_nodes)] = loops
     rows.sync()
     inv_sqrt_degree = _to_torch(arrays["inv_sqrt_degree"], dtype) if conv.needs_graph else None
     for layer, conv in enumerate(model.convs):
@@ -612,7 +617,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
         timings["statistics"] += time.perf_counter() - clock
         if progress is not None:
             progress.stage(f"layer {layer + 1}/{len(model.convs)}, states")
-        for _, (start, stop) in mine:
+        for index, (start, stop) in mine:
             clock = time.perf_counter()
             h = rows.read("h", start, stop)
             query = conv.project(h, "q")[0] if conv.kernel in ("simple", "sigmoid") else None
@@ -627,10 +632,14 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
                 local = None
                 if conv.needs_graph:
                     graph_clock = time.perf_counter()
-                    edge_source, target, weight = source.in_edges(start, stop)
+                    row_pointer, edge_source, weight = source.in_rows(start, stop)
                     timings["entries"] += edge_source.numel()
-                    graph, ids = NormalizedGraph.rows(edge_source, target, weight, inv_sqrt_degree, start,
-                                                      stop - start, gather_to)
+                    if conv.needs_edge_list:  # GAT: the edges one by one, self loops merged in
+                        graph, ids = NormalizedGraph.rows(edge_source.long(), edge_targets(row_pointer), weight,
+                                                          inv_sqrt_degree, start, stop - start, gather_to)
+                    else:
+                        graph, ids = NormalizedGraph.row_block(row_pointer, edge_source, weight, inv_sqrt_degree,
+                                                               start, index in loops, gather_to)
                     local = conv.local(graph, rows.gather("value", ids), value)
                     timings["graph"] += time.perf_counter() - graph_clock
                     clock += time.perf_counter() - graph_clock

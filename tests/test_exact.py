@@ -119,7 +119,18 @@ def test_rows_of_the_normalised_graph_are_the_rows_of_the_whole(awkward, start, 
     dense[:, ids] = block.adjacency.to_dense()
     torch.testing.assert_close(dense, whole[start:stop])
     values = torch.randn(NUM_NODES, 2, 3)
-    torch.testing.assert_close(block.propagate(values[ids]), (whole @ values.view(NUM_NODES, -1))[start:stop].view(-1, 2, 3))
+    expected = (whole @ values.view(NUM_NODES, -1))[start:stop].view(-1, 2, 3)
+    torch.testing.assert_close(block.propagate(values[ids]), expected)
+    # the streamed pass's layout: from the store's CSR rows (int32 ids), self loops and target scale apart
+    row_pointer, col, weight = store.in_rows(start, stop)
+    assert col.dtype == torch.int32
+    has_loops = bool((source == target + start).any())
+    for gather_to in (None, torch.device("cpu")):
+        block, ids = NormalizedGraph.row_block(row_pointer, col, weight, inv_sqrt, start, has_loops, gather_to)
+        operand = values if ids is None else values[ids]
+        torch.testing.assert_close(block.propagate(operand, values[start:stop]), expected)
+        with pytest.raises(ValueError, match="pass the targets' own values"):
+            block.propagate(operand)
 
 
 def test_attention_statistics_add_up_over_chunks_and_survive_one_all_reduce():

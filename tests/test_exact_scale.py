@@ -64,10 +64,17 @@ def test_graph_term_is_right_for_sources_past_2_31_elements(tmp_path, width):
     degrees = np.lib.format.open_memmap(tmp_path / "degree.npy", "w+", np.float32, (num_nodes,))
     degrees[start:] = gcn_degree(source, target, top, start).float().pow(-0.5).numpy()
     expected = dense_normalized(source - start, target, weight, top) @ rows[:, 0].double()
+    inv_sqrt = torch.from_numpy(degrees)
+    row_pointer = torch.zeros(top + 1, dtype=torch.long)
+    row_pointer[1:] = torch.cumsum(torch.bincount(target, minlength=top), 0)
     for gather_to in (None, torch.device("cpu")):
-        block, ids = NormalizedGraph.rows(source, target, weight, torch.from_numpy(degrees), start, top, gather_to)
+        # the edge-list form (GAT's) and the CSR row form the pass uses for the graph term
+        block, ids = NormalizedGraph.rows(source, target, weight, inv_sqrt, start, top, gather_to)
         operand = torch.from_numpy(values) if ids is None else torch.from_numpy(values[ids.numpy()])
-        got = block.propagate(operand)[:, 0]
+        torch.testing.assert_close(block.propagate(operand)[:, 0].double(), expected, rtol=1e-5, atol=1e-5)
+        block, ids = NormalizedGraph.row_block(row_pointer, source.int(), weight, inv_sqrt, start, False, gather_to)
+        operand = torch.from_numpy(values) if ids is None else torch.from_numpy(values[ids.numpy()])
+        got = block.propagate(operand, rows)[:, 0]
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
