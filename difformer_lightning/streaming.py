@@ -57,6 +57,10 @@ from .model import DIFFormer
 
 log = logging.getLogger(__name__)
 
+# Scratch arrays are allocated up front only when they take at most this share of the available memory: beyond
+# it their pages could not all stay cached, and populating would write every byte to disk before the first chunk.
+POPULATE_SHARE = 0.75
+
 # Groups of consecutive chunks whose DIFFormer-s statistics are summed apart (see the module docstring): the
 # table all-reduced per layer has this many rows, whatever the graph's size. 64 divides evenly among 1, 2, 4,
 # 8, 16, 32 and 64 ranks.
@@ -170,8 +174,9 @@ class Scratch:
       :class:`ScratchError` naming ``option`` (``data.scratch_dir``), the bytes needed and the bytes free.
     * :meth:`get` creates the arrays at the first pass and reserves their disk blocks (``posix_fallocate``:
       a file system that fills up later cannot kill the run with SIGBUS), then reuses them for later passes
-      that ask for the same layout. Their pages are allocated up front only when the arrays fit in half the
-      available memory; the value arrays, read at random, are mapped without read-ahead.
+      that ask for the same layout. Their pages are allocated up front only when the arrays take at most
+      :data:`POPULATE_SHARE` of the available memory; the value arrays, read at random, are mapped without
+      read-ahead.
     * The folder holds a lock file every user of it keeps locked (shared); :meth:`remove_stale` deletes the
       folders under ``scratch_dir`` whose lock nobody holds (a run killed during a pass), and :meth:`close`
       (also at the end of the process, on rank 0) deletes this one.
@@ -288,7 +293,7 @@ class Scratch:
         problem = collectives.broadcast(problem)
         if problem is not None:
             raise ScratchError(problem)
-        populate = layout_bytes(layout) <= available_memory() // 2
+        populate = layout_bytes(layout) <= POPULATE_SHARE * available_memory()
         self.arrays = {name: _map(self.folder / f"{name}.npy", populate, random=name != "h" and name != "inv_sqrt_degree")
                        for name in layout}
         self._layout = layout
