@@ -72,7 +72,7 @@ class LINKXDataModule(RandomPartitionDataModule):
     def __init__(self, name: str = "pokec", split: int = 0, root: Optional[str] = None,
                  batch_size: int = 100_000, eval_batch_size: Optional[int] = None, seed: int = 0,
                  num_workers: int = 2, evaluation: Optional[str] = None, scratch_dir: Optional[str] = None,
-                 predict_nodes: Optional[str] = None) -> None:
+                 predict_nodes: Optional[str] = None, store_check: str = "once") -> None:
         folder = data_root(root) / "linkx"
         candidates = [folder / name / "raw" / "data.mat", folder / f"{name}.mat", folder / name / "raw" / f"{name}.mat"]
         self.mat = next((path for path in candidates if path.is_file()), candidates[0])
@@ -80,7 +80,7 @@ class LINKXDataModule(RandomPartitionDataModule):
         self.name, self.split = name, split
         store = data_root(root) / "stores" / f"linkx-{name}-split{split}"
         super().__init__(str(store), batch_size, eval_batch_size, seed, num_workers, 0, evaluation, scratch_dir,
-                         predict_nodes=predict_nodes)
+                         predict_nodes=predict_nodes, store_check=store_check)
 
     def prepare_data(self) -> None:
         from .prepare import prepare_store_once

@@ -230,7 +230,7 @@ class OGBDataModule(RandomPartitionDataModule):
                  num_workers: int = 2, fanout: int = 0, evaluation: Optional[str] = None,
                  scratch_dir: Optional[str] = None, undirected: Optional[bool] = None,
                  feature_dtype: str = "float32", meta_dict: Optional[dict] = None,
-                 predict_nodes: Optional[str] = None) -> None:
+                 predict_nodes: Optional[str] = None, store_check: str = "once") -> None:
         from .base import data_root
 
         self.name, self.meta = name, dict(meta_dict) if meta_dict is not None else ogb_meta(name)
@@ -240,7 +240,7 @@ class OGBDataModule(RandomPartitionDataModule):
         self.undirected, self.feature_dtype = undirected, np.dtype(feature_dtype)
         store_path = Path(store) if store is not None else self.data_folder / "stores" / name
         super().__init__(str(store_path), batch_size, eval_batch_size, seed, num_workers, fanout, evaluation,
-                         scratch_dir, predict_nodes=predict_nodes)
+                         scratch_dir, predict_nodes=predict_nodes, store_check=store_check)
 
     def prepare_data(self) -> None:
         from .prepare import prepare_store_once

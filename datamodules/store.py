@@ -103,15 +103,46 @@ class GraphStore:
         return source.long(), edge_targets(row_pointer), weight
 
     @classmethod
-    def open(cls, path: Union[str, Path], validate: bool = True) -> "GraphStore":
-        """Maps the store at ``path``; with ``validate``, checks it (see :func:`validate_store`)."""
+    def open(cls, path: Union[str, Path], validate: Union[bool, str] = True) -> "GraphStore":
+        """Maps the store at ``path``. Every open checks ``meta.json`` and each array's dtype, shape and size.
+        The full check (:func:`validate_store`: it reads every array) runs once: ``validate=True`` (or
+        ``'once'``) runs it unless ``meta.json`` records that it passed on these very files (their sizes and
+        modification times, :func:`fingerprint`), and records it when it passes (where the folder can be
+        written); ``'full'`` runs it whatever is recorded; ``False`` skips it."""
+        if validate not in (True, False, "once", "full"):
+            raise ValueError(f"validate must be True, False, 'once' or 'full', got {validate!r}")
         path = Path(path)
         meta = read_meta(path)
         arrays = {name: _map_array(path, name, spec) for name, spec in meta["arrays"].items()}
         store = cls(path=path, meta=meta, **{name: torch.from_numpy(a) for name, a in arrays.items()})
-        if validate:
+        if validate == "full" or (validate and meta.get(VALIDATED) != fingerprint(path, meta)):
             validate_store(store)
+            record_validated(path)
         return store
+
+
+# meta.json's record of a passed full check: the arrays' sizes and modification times when it passed
+VALIDATED = "validated"
+
+
+def fingerprint(path: Path, meta: dict) -> Dict[str, list]:
+    """``{array: [size in bytes, modification time in ns]}`` of the store's array files: what a recorded full
+    check is tied to (a file rewritten in place changes its modification time)."""
+    status = {name: (path / f"{name}.npy").stat() for name in meta["arrays"]}
+    return {name: [entry.st_size, entry.st_mtime_ns] for name, entry in sorted(status.items())}
+
+
+def record_validated(path: Path) -> bool:
+    """Records in ``path``'s ``meta.json`` (replaced atomically) that the full check passed on the present
+    files; False where the folder cannot be written (a read-only store is then checked at every open)."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta[VALIDATED] = fingerprint(path, meta)
+    try:
+        with atomic_file(path / "meta.json", "w") as handle:
+            handle.write(json.dumps(meta, indent=2) + "\n")
+    except OSError:
+        return False
+    return True
 
 
 WRITERS = ("datamodules.store.write_store_from_data, datamodules.synthetic.write_synthetic_store or "
@@ -323,6 +354,8 @@ class StoreWriter:
         with atomic_file(self.tmp / "meta.json", "w") as handle:  # written last: its presence marks completeness
             handle.write(json.dumps(meta, indent=2) + "\n")
         self.arrays.clear()
+        # The full check once, here, recorded with the files it passed on: opens then skip it.
+        GraphStore.open(self.tmp, validate="full")
         if not self.path.exists():
             self.tmp.rename(self.path)
         elif _exchange(self.tmp, self.path):

@@ -3,14 +3,20 @@ r"""DIFFormer's graph term :math:`\hat{A} V`, :math:`\hat{A} = D^{-1/2}(A + I)D^
 The rules are defined once here and used by every executor (the in-memory forward over a whole
 graph, the partition batches, and the streamed exact forward over the rows of a graph store):
 
-* :func:`one_self_loop`: every target keeps exactly one self loop (existing ones are dropped; the
+* :func:`self_loop_rule`: every target keeps exactly one self loop (existing ones are dropped; the
   new one carries the weight of the last existing one, else 1), as PyG's
-  ``add_remaining_self_loops`` does, but for any block of consecutive targets;
+  ``add_remaining_self_loops`` does, but for any block of consecutive targets; :func:`one_self_loop`
+  merges the loops into the edge list;
 * :func:`gcn_degree`: the degree counts a target's in-edges after that rule (edges, not weights);
 * :func:`normalized_in_edges`: the value of edge ``source -> target`` is
   ``deg(source)^-1/2 * deg(target)^-1/2``, times the edge weight when there are weights, with NaN/inf
   values zeroed;
 * :func:`graph_term_weights`: how the graph term is mixed with the all-pairs attention.
+
+:class:`NormalizedGraph` holds :math:`\hat{A}` of a whole graph (:meth:`~NormalizedGraph.build`), a block of
+its rows as an edge list (:meth:`~NormalizedGraph.rows`) or, for the streamed pass, straight from a store's
+CSR rows (:meth:`~NormalizedGraph.row_block`); :func:`sparse_matmul` is every product with it, safe past
+2**31 elements.
 
 Source: the reference's ``gcn_conv`` and ``DIFFormer`` forward (DIFFORMER.md section 1).
 """

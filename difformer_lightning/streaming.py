@@ -197,6 +197,7 @@ class Scratch:
         self._lock: Optional[int] = None
         self._layout: Optional[Layout] = None
         self.arrays: Dict[str, np.ndarray] = {}
+        self.files: Dict[str, Tuple[int, int]] = {}  # each array's open file and the byte offset of its data
         # what the arrays hold for the whole run: ("degrees", id(graph), chunk_nodes) -> the chunks with self loops
         self.filled: dict = {}
         atexit.register(self.close)
@@ -271,7 +272,7 @@ class Scratch:
         every rank calls it. Raises a :class:`ScratchError` on every rank when the files cannot be created."""
         if layout == self._layout:
             return self.arrays
-        self.arrays, self._layout, self.filled = {}, None, {}
+        self._release()
         collectives = self.collectives
         if self.folder is None:
             folder = None
@@ -294,8 +295,10 @@ class Scratch:
         if problem is not None:
             raise ScratchError(problem)
         populate = layout_bytes(layout) <= POPULATE_SHARE * available_memory()
-        self.arrays = {name: _map(self.folder / f"{name}.npy", populate, random=name != "h" and name != "inv_sqrt_degree")
-                       for name in layout}
+        for name in layout:
+            path = self.folder / f"{name}.npy"
+            self.arrays[name], offset = _map(path, populate, random=name not in ("h", "inv_sqrt_degree"))
+            self.files[name] = (os.open(path, os.O_RDWR), offset)
         self._layout = layout
         return self.arrays
 
@@ -334,8 +337,13 @@ class Scratch:
                 return f"{self._where()}: cannot create {path} ({error.strerror or error}); {self._remedy()}"
         return None
 
+    def _release(self) -> None:
+        for descriptor, _ in self.files.values():
+            os.close(descriptor)
+        self.arrays, self.files, self._layout, self.filled = {}, {}, None, {}
+
     def close(self) -> None:
-        self.arrays, self._layout, self.filled = {}, None, {}
+        self._release()
         if self.folder is not None and self.collectives.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self._lock is not None:
@@ -404,8 +412,8 @@ def _disk_bytes(folder: Path) -> int:
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (<linux/mman.h>); Python's mmap module does not name it
 
 
-def _map(path: Path, populate: bool, random: bool) -> np.ndarray:
-    """A writable shared mapping of the ``.npy`` file ``path``.
+def _map(path: Path, populate: bool, random: bool) -> Tuple[np.ndarray, int]:
+    """A writable shared mapping of the ``.npy`` file ``path``, and the byte offset of its data in the file.
 
     ``populate``: its pages allocated up front with ``MADV_POPULATE_WRITE`` (measured here, the first exact
     pass over 8M nodes spent 14 s faulting in fresh pages one at a time; a no-op where the kernel lacks it).
@@ -425,7 +433,7 @@ def _map(path: Path, populate: bool, random: bool) -> np.ndarray:
                 mapping.madvise(advice)
             except (OSError, ValueError):
                 pass
-    return np.ndarray(shape, dtype, buffer=mapping, offset=offset, order="F" if fortran else "C")
+    return np.ndarray(shape, dtype, buffer=mapping, offset=offset, order="F" if fortran else "C"), offset
 
 
 # --- the pass ----------------------------------------------------------------------------------------------
@@ -583,7 +591,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     groups = rank_groups(len(chunks), collectives.rank, collectives.world_size)
     mine = [(index, chunks[index]) for _, members in groups for index in members]
     arrays = scratch.get(layout)
-    rows = _Rows(arrays, layout, collectives, device, dtype)
+    rows = _Rows(scratch, layout, device, dtype)
     timings = dict.fromkeys(("encode", "degrees", "statistics", "graph", "update"), 0.0)
     timings["nodes"] = float(sum(stop - start for _, (start, stop) in mine))
     timings["entries"] = 0.0
@@ -718,15 +726,28 @@ def _sigmoid_rows(conv, query: Tensor, scratch: "_Rows", chunks) -> Tensor:
 
 class _Rows:
     """Reads and writes rows of the scratch arrays, moving them between the CPU (in their storage dtype) and
-    the device (in ``dtype``, the dtype sums run in)."""
+    the device (in ``dtype``, the dtype sums run in).
 
-    def __init__(self, arrays, layout: Layout, collectives: Collectives, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.arrays, self.layout, self.collectives, self.device, self.dtype = arrays, layout, collectives, device, dtype
+    A chunk's consecutive rows are read and written with ``pread``/``pwrite`` on the array's file (the same
+    page cache as the mappings): when the scratch does not stay cached (papers100M's does not beside its store),
+    a write through the mapping first reads every page it touches back from disk, a file write of whole pages
+    does not, and a file read is read ahead. Rows gathered at random go through the mapping."""
+
+    def __init__(self, scratch: Scratch, layout: Layout, device: torch.device, dtype: torch.dtype) -> None:
+        self.arrays, self.files, self.layout = scratch.arrays, scratch.files, layout
+        self.collectives, self.device, self.dtype = scratch.collectives, device, dtype
+
+    def _span(self, name: str, start: int, stop: int) -> Tuple[np.ndarray, int, int]:
+        array = self.arrays[name]
+        row_bytes = array.strides[0] if array.ndim > 1 else array.itemsize
+        descriptor, offset = self.files[name]
+        return array, descriptor, offset + start * row_bytes
 
     def read(self, name: str, start: int, stop: int) -> Tensor:
-        return _to_torch(np.ascontiguousarray(self.arrays[name][start:stop]), self.layout[name].dtype) \
-            .to(self.device).to(self.dtype)
+        array, descriptor, offset = self._span(name, start, stop)
+        rows = np.empty((stop - start, *array.shape[1:]), array.dtype)
+        _read_exactly(descriptor, memoryview(rows).cast("B"), offset)
+        return _to_torch(rows, self.layout[name].dtype).to(self.device).to(self.dtype)
 
     def gather(self, name: str, ids: Optional[Tensor]) -> Tensor:
         """Rows ``ids`` (sorted, unique) of ``name`` on the device; ``None``: the whole array, memory-mapped
@@ -736,17 +757,37 @@ class _Rows:
         return _to_torch(self.arrays[name][ids.cpu().numpy()], self.layout[name].dtype).to(self.device).to(self.dtype)
 
     def write(self, name: str, start: int, rows: Tensor) -> None:
-        stored = rows.detach().to("cpu", self.layout[name].dtype)
+        stored = rows.detach().to("cpu", self.layout[name].dtype).contiguous()
         if stored.dtype == torch.bfloat16:
             stored = stored.view(torch.uint16)
-        self.arrays[name][start:start + rows.size(0)] = stored.numpy()
+        _, descriptor, offset = self._span(name, start, start + rows.size(0))
+        _write_exactly(descriptor, memoryview(stored.numpy()).cast("B"), offset)
 
     def sync(self) -> None:
         """Every rank's rows visible to every rank: written back first when ranks share a file system."""
         if self.collectives.flush:
             for array in self.arrays.values():
                 array.flush()
+            for descriptor, _ in self.files.values():
+                os.fsync(descriptor)
         self.collectives.barrier()
+
+
+def _read_exactly(descriptor: int, buffer: memoryview, offset: int) -> None:
+    """``pread`` until ``buffer`` is full (one call reads at most about 2 GiB)."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(descriptor, [buffer[done:]], offset + done)
+        if count == 0:
+            raise OSError(errno.EIO, f"the scratch file ended {len(buffer) - done} bytes early")
+        done += count
+
+
+def _write_exactly(descriptor: int, buffer: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``buffer`` (one call writes at most about 2 GiB)."""
+    done = 0
+    while done < len(buffer):
+        done += os.pwritev(descriptor, [buffer[done:]], offset + done)
 
 
 @torch.no_grad()
