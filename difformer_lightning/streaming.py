@@ -38,7 +38,6 @@ import math
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from .contracts import GraphSource
 from .graph import NormalizedGraph, accumulation_dtype, edge_targets, gcn_degree
 from .io import publish, staging_path
 from .model import DIFFormer
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -492,70 +492,22 @@ def rank_groups(num_chunks: int, rank: int, world_size: int) -> List[Tuple[int, 
     return list(enumerate(chunk_groups(num_chunks)))[rank::world_size]
 
 
-class PassProgress:
-    """Reports how far an exact pass is: a progress bar (``bar=True``: a terminal) or, without one, a line
-    through ``report`` at the start, every ``interval`` seconds and at the end: the stage (encoding, or
-    layer ``l`` of ``L`` and its first or second sweep), chunks done, nodes per second and the time left."""
+class PassProgress(Progress):
+    """How far an exact pass is (:class:`~.progress.Progress`): the stage (encoding, or layer ``l`` of ``L``
+    and its first or second sweep), this rank's chunks done, nodes per second and the time left."""
 
     def __init__(self, report: Callable[[str], None] = print, bar: bool = False, interval: float = 30.0) -> None:
-        self.report, self.bar, self.interval = report, bar, interval
-        self._tqdm = None
+        super().__init__("exact pass", report, bar, interval)
+        self.chunks = 0
 
-    def begin(self, num_layers: int, num_chunks: int, total_chunks: int, nodes: int, total_nodes: int,
-              sweeps: int) -> None:
-        self.layers, self.chunks, self.nodes = num_layers, num_chunks, nodes
-        self.total, self.done, self.chunks_done = nodes * sweeps, 0, 0
-        self.started = self._last = time.perf_counter()
-        self._stage = ""
-        if self.bar:
-            from tqdm.auto import tqdm
+    def begin_pass(self, num_layers: int, num_chunks: int, total_chunks: int, nodes: int, total_nodes: int,
+                   sweeps: int) -> None:
+        self.chunks = num_chunks
+        self.begin(nodes * sweeps, "nodes", f"{num_layers} layers over {total_nodes:,} nodes in {total_chunks:,} "
+                                            f"chunks; this process streams {num_chunks:,} chunks ({nodes:,} nodes)")
 
-            self._tqdm = tqdm(total=self.total, unit="node", unit_scale=True, desc="exact pass", leave=False,
-                              dynamic_ncols=True, file=sys.stderr)
-        else:
-            self.report(f"exact pass: {num_layers} layers over {total_nodes:,} nodes in {total_chunks:,} chunks; "
-                        f"this process streams {num_chunks:,} chunks ({nodes:,} nodes)")
-
-    def stage(self, name: str) -> None:
-        self._stage, self.chunks_done = name, 0
-        if self._tqdm is not None:
-            self._tqdm.set_description(f"exact pass: {name}")
-
-    def advance(self, nodes: int) -> None:
-        self.done += nodes
-        self.chunks_done += 1
-        if self._tqdm is not None:
-            self._tqdm.update(nodes)
-            return
-        now = time.perf_counter()
-        if now - self._last >= self.interval:
-            self._last = now
-            self.report(self.line(now))
-
-    def line(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (f"exact pass: {self._stage}, {self.chunks_done:,}/{self.chunks:,} chunks; {rate:,.0f} nodes/s, "
-                f"{100 * self.done / max(self.total, 1):.0f}% done, about {_duration(left)} left")
-
-    def end(self) -> None:
-        seconds = time.perf_counter() - self.started
-        if self._tqdm is not None:
-            self._tqdm.close()
-            self._tqdm = None
-        else:
-            self.report(f"exact pass: done in {_duration(seconds)}")
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    def stage(self, name: str, total: Optional[int] = None, unit: str = "chunks") -> None:
+        super().stage(name, self.chunks if total is None else total, unit)
 
 
 @torch.no_grad()
@@ -597,7 +549,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     timings["entries"] = 0.0
     if progress is not None:
         sweeps = 1 + len(model.convs) * (2 if conv.needs_graph or conv.kernel in ("simple", "sigmoid") else 1)
-        progress.begin(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps)
+        progress.begin_pass(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps)
         progress.stage("encoding")
     # The degrees depend on the graph only: computed in the first pass over it with these arrays, with the
     # chunks that hold a self loop (the others' graph rows skip looking for them).
@@ -617,7 +569,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
                 loops.add(index)
             timings["degrees"] += time.perf_counter() - clock
         if progress is not None:
-            progress.advance(stop - start)
+            progress.advance(1, stop - start)
     if conv.needs_graph:
         scratch.filled[("degrees", id(source), chunk_nodes)] = loops
     rows.sync()
@@ -660,7 +612,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
             rows.write("h", start, model.step(layer, h, update))
             timings["update"] += time.perf_counter() - clock
             if progress is not None:
-                progress.advance(stop - start)
+                progress.advance(1, stop - start)
         rows.sync()
     if progress is not None:
         progress.end()
@@ -694,7 +646,7 @@ def _first_pass(conv, scratch: "_Rows", groups: Sequence[Tuple[int, range]], chu
                     flat = conv.statistics(query, key, value).flatten().double()
                 group_sum = flat if group_sum is None else group_sum.add_(flat)
             if progress is not None:
-                progress.advance(stop - start)
+                progress.advance(1, stop - start)
         if simple and group_sum is not None:
             table[group] = group_sum
     if not simple:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch_geometric.data import Data
 
 from conftest import logged_epochs, scaled_timeout
 from datamodules import GraphStore, RandomPartitionDataModule
