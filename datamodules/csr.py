@@ -139,6 +139,22 @@ class _BucketSpill:
         return records
 
 
+def count_self_loops(rowptr: Tensor, col: Tensor, chunk: int = 1 << 24) -> int:
+    """How many entries of the CSR (``col[rowptr[i]:rowptr[i + 1]]`` the sources into node ``i``) are a node's
+    edge to itself; reads ``col`` once, ``chunk`` entries (about) at a time."""
+    num_nodes, loops, first = rowptr.numel() - 1, 0, 0
+    while first < num_nodes:
+        last = int(torch.searchsorted(rowptr, int(rowptr[first]) + chunk, right=True)) - 1
+        last = min(max(last, first + 1), num_nodes)
+        row_pointer = rowptr[first:last + 1]
+        sources = col[int(row_pointer[0]):int(row_pointer[-1])]
+        targets = torch.repeat_interleave(torch.arange(first, last, dtype=sources.dtype), row_pointer.diff(),
+                                          output_size=sources.numel())
+        loops += int(torch.count_nonzero(sources == targets))
+        first = last
+    return loops
+
+
 # pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off.
 USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
 

@@ -34,7 +34,7 @@ from difformer_lightning.graph import edge_targets
 
 from difformer_lightning.io import atomic_file
 
-from .csr import write_csr
+from .csr import count_self_loops, write_csr
 from .validation import FEATURE_LIMIT, check_finite_features, check_labels, check_split_sizes
 
 FORMAT = "difformer-graph-store"
@@ -84,6 +84,11 @@ class GraphStore:
     def multilabel(self) -> bool:
         return self.meta["multilabel"]
 
+    @property
+    def self_loops(self) -> Optional[int]:
+        """Edges from a node to itself, as the full check counted them (``None`` before one ran)."""
+        return self.meta.get("self_loops")
+
     def features(self, start: int, stop: int) -> Tensor:
         """Features of nodes ``start .. stop - 1`` as float32 (:class:`~difformer_lightning.contracts.GraphSource`)."""
         return self.x[start:stop].float()
@@ -116,8 +121,8 @@ class GraphStore:
         arrays = {name: _map_array(path, name, spec) for name, spec in meta["arrays"].items()}
         store = cls(path=path, meta=meta, **{name: torch.from_numpy(a) for name, a in arrays.items()})
         if validate == "full" or (validate and meta.get(VALIDATED) != fingerprint(path, meta)):
-            validate_store(store)
-            record_validated(path)
+            store.meta["self_loops"] = validate_store(store)
+            record_validated(path, store.meta["self_loops"])
         return store
 
 
@@ -132,11 +137,12 @@ def fingerprint(path: Path, meta: dict) -> Dict[str, list]:
     return {name: [entry.st_size, entry.st_mtime_ns] for name, entry in sorted(status.items())}
 
 
-def record_validated(path: Path) -> bool:
+def record_validated(path: Path, self_loops: int) -> bool:
     """Records in ``path``'s ``meta.json`` (replaced atomically) that the full check passed on the present
-    files; False where the folder cannot be written (a read-only store is then checked at every open)."""
+    files, with the self loops it counted; False where the folder cannot be written (a read-only store is then
+    checked at every open)."""
     meta = json.loads((path / "meta.json").read_text())
-    meta[VALIDATED] = fingerprint(path, meta)
+    meta[VALIDATED], meta["self_loops"] = fingerprint(path, meta), self_loops
     try:
         with atomic_file(path / "meta.json", "w") as handle:
             handle.write(json.dumps(meta, indent=2) + "\n")
@@ -209,11 +215,13 @@ def _map_array(path: Path, name: str, spec: dict) -> np.ndarray:
     return array
 
 
-def validate_store(store: GraphStore) -> None:
-    """Checks counts, a monotone ``rowptr`` ending at E, column and split ids in range.
+def validate_store(store: GraphStore) -> int:
+    """Checks counts, a monotone ``rowptr`` ending at E, column and split ids in range; returns the number of
+    self loops (:func:`~datamodules.csr.count_self_loops`, recorded as ``meta.json``'s ``self_loops``: with none,
+    the exact pass takes the degrees from ``rowptr`` alone).
 
     Every check streams over the arrays in chunks, so memory stays bounded; it reads
-    rowptr and col once (seconds for a billion edges).
+    rowptr and col twice (seconds for a billion edges).
     """
     n, e = store.num_nodes, store.num_edges
     rowptr, col = store.rowptr, store.col
@@ -252,6 +260,7 @@ def validate_store(store: GraphStore) -> None:
         raise StoreError(f"{store.path}: x {tuple(store.x.shape)}, y {tuple(store.y.shape)} and split "
                          f"{tuple(store.split.shape)} do not all have {n} rows")
     _validate_nodes(store)
+    return count_self_loops(rowptr, col)
 
 
 def _validate_nodes(store: GraphStore) -> None:

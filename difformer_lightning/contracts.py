@@ -31,6 +31,11 @@ class GraphSource(Protocol):
     def features(self, start: int, stop: int) -> Tensor:
         """Features of nodes ``start .. stop - 1``: ``[stop - start, F]`` float32."""
 
+    @property
+    def self_loops(self) -> Optional[int]:
+        """How many edges go from a node to itself, or ``None`` when unknown (the exact pass then looks for them
+        in its degree pass; with ``0`` it takes the degrees from the row pointers alone)."""
+
     def in_rows(self, start: int, stop: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Every edge into nodes ``start .. stop - 1``, duplicates and self loops as stored, in CSR form:
         ``row_pointer`` ``[stop - start + 1]`` int64 (the edges of target ``start + i`` are

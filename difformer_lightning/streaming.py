@@ -562,11 +562,14 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
         if conv.needs_graph and known is None:
             clock = time.perf_counter()
             row_pointer, edge_source, _ = source.in_rows(start, stop)
-            target = edge_targets(row_pointer, edge_source.dtype)
-            rows.write("inv_sqrt_degree", start, gcn_degree(edge_source, target, stop - start, start)
-                       .to(dtype).pow(-0.5))
-            if bool((edge_source == target + start).any()):
-                loops.add(index)
+            if source.self_loops == 0:  # the degree is the row's length plus the one self loop: no edge read
+                degree = row_pointer.diff() + 1
+            else:
+                target = edge_targets(row_pointer, edge_source.dtype)
+                degree = gcn_degree(edge_source, target, stop - start, start)
+                if bool((edge_source == target + start).any()):
+                    loops.add(index)
+            rows.write("inv_sqrt_degree", start, degree.to(dtype).pow(-0.5))
             timings["degrees"] += time.perf_counter() - clock
         if progress is not None:
             progress.advance(1, stop - start)

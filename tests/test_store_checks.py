@@ -18,7 +18,7 @@ def counted(monkeypatch):
 
     def validate(store):
         calls.append(store.path)
-        original(store)
+        return original(store)
 
     monkeypatch.setattr(store_module, "validate_store", validate)
     return calls
@@ -70,3 +70,36 @@ def test_store_check_values_are_named():
         RandomPartitionDataModule("x", store_check="always")
     with pytest.raises(ValueError, match="validate must be True, False, 'once' or 'full'"):
         GraphStore.open("x", validate="sometimes")
+
+
+def test_the_full_check_counts_self_loops_and_the_exact_pass_skips_its_degree_reads_without_them(tmp_path):
+    """A store without self loops gets its degrees from rowptr alone; the states are the same as when the
+    count is unknown (the pass then reads every edge to find them); a store with loops records their count."""
+    import json
+
+    import torch
+
+    from datamodules.store import write_store_from_data
+    from difformer_lightning import DIFFormer
+    from difformer_lightning.streaming import Scratch, exact_states
+    from test_exact import awkward_graph
+
+    plain = write_synthetic_store(tmp_path / "plain", 400, num_classes=3)
+    assert GraphStore.open(plain).self_loops == 0
+    looped = write_store_from_data(awkward_graph(), tmp_path / "looped")
+    assert GraphStore.open(looped).self_loops == 4  # node 3 three times, node 5 once
+    model = DIFFormer(64, 8, 3, num_layers=2).eval()
+    states = []
+    for known in (True, False):
+        if not known:  # as a store checked before the count existed: unknown, so the pass looks for loops
+            meta = json.loads((plain / "meta.json").read_text())
+            del meta["self_loops"]
+            store = GraphStore.open(plain, validate=False)
+            store.meta = meta
+        else:
+            store = GraphStore.open(plain)
+        scratch = Scratch(tmp_path)
+        states.append(exact_states(model, store, 64, scratch).rows(slice(0, 400)))
+        scratch.close()
+    assert store.self_loops is None
+    assert torch.equal(states[0], states[1])
