@@ -155,6 +155,9 @@ def count_self_loops(rowptr: Tensor, col: Tensor, chunk: int = 1 << 24) -> int:
     return loops
 
 
+# In-edge positions an induced subgraph reads at once (about 60 bytes each while they are tested).
+SUBGRAPH_SLICE = 1 << 22
+
 # pyg-lib's subgraph kernel when installed; DIFFORMER_NO_PYG_LIB=1 turns it off.
 USE_PYG_LIB = torch_geometric.typing.WITH_PYG_LIB and not os.environ.get("DIFFORMER_NO_PYG_LIB")
 
@@ -186,13 +189,32 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor,
     counts = rowptr[nodes + 1] - starts
     ends = torch.cumsum(counts, 0)
     total = int(ends[-1]) if ends.numel() else 0
-    # position in col of every neighbour entry: its row's start plus its rank within the row
-    positions = torch.arange(total) + (starts - (ends - counts)).repeat_interleave(counts, output_size=total)
-    source = col[positions]
+    # The nodes' in-edge positions are read in slices of about SUBGRAPH_SLICE positions (a node with more is a
+    # slice of its own): memory grows with the slice, not with the batch's degree sum (a batch of high-degree
+    # neighbours reads tens of millions of positions at about 60 bytes each).
+    bounds = [0]
+    while bounds[-1] < nodes.numel():
+        reached = int(ends[bounds[-1] - 1]) if bounds[-1] else 0
+        bounds.append(max(int(torch.searchsorted(ends, reached + SUBGRAPH_SLICE, right=True)), bounds[-1] + 1))
+    sources, targets, kept = [], [], []
     with member.marked(nodes):
-        inside = member.contains(source).nonzero().flatten()
-    target = torch.searchsorted(ends, inside, right=True)
-    return torch.stack([torch.searchsorted(nodes, source[inside].long()), target]), positions[inside]
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            offset = int(ends[first - 1]) if first else 0
+            part_counts, part_ends = counts[first:last], ends[first:last] - offset
+            size = int(part_ends[-1])
+            # position in col of every neighbour entry: its row's start plus its rank within the row
+            positions = torch.arange(size) + (starts[first:last] - (part_ends - part_counts)).repeat_interleave(
+                part_counts, output_size=size)
+            source = col[positions]
+            inside = member.contains(source).nonzero().flatten()
+            sources.append(source[inside])
+            targets.append(torch.searchsorted(part_ends, inside, right=True) + first)
+            kept.append(positions[inside])
+    if not sources:
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.stack([empty, empty]), empty
+    source = torch.cat(sources)
+    return torch.stack([torch.searchsorted(nodes, source.long()), torch.cat(targets)]), torch.cat(kept)
 
 
 class NodeBitmap:

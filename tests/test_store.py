@@ -52,13 +52,20 @@ def test_store_round_trip_keeps_every_edge_feature_label_and_split(tmp_path):
     assert store.split.tolist() == [1, 1, 2, 2, 3, 0]
 
 
-def test_induced_subgraph_matches_pyg_subgraph(cora_store):
+@pytest.mark.parametrize("slice_positions", [1 << 22, 100, 1])
+def test_induced_subgraph_matches_pyg_subgraph(cora_store, monkeypatch, slice_positions):
+    """Also read in slices of 100 in-edge positions, and of one node each (bounded memory per batch)."""
+    import datamodules.csr as csr
+    monkeypatch.setattr(csr, "SUBGRAPH_SLICE", slice_positions)
     data, path = cora_store
     store = GraphStore.open(path)
     for seed, size in ((0, 900), (1, 2708), (2, 1), (3, 50)):
         nodes = torch.randperm(2708, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-        expected, _ = subgraph(nodes, data.edge_index, relabel_nodes=True, num_nodes=2708)
-        assert edge_set(induced_subgraph(store.rowptr, store.col, nodes)[0]) == edge_set(expected)
+        expected, expected_ids = subgraph(nodes, data.edge_index, relabel_nodes=True, num_nodes=2708)
+        got, positions = induced_subgraph(store.rowptr, store.col, nodes)
+        assert edge_set(got) == edge_set(expected)
+        # each kept edge's position in col holds its source
+        assert torch.equal(nodes[got[0]], store.col[positions].long())
 
 
 def test_batches_carry_aligned_features_labels_masks_and_directed_edges(tmp_path):
