@@ -22,7 +22,7 @@ def contextual_sbm(num_nodes: int, num_classes: int, num_features: int, avg_degr
     model = ContextualSBM(num_nodes, num_classes, num_features, avg_degree, homophily, feature_signal,
                           degree_exponent, seed, chunk)
     source, target = (torch.from_numpy(np.concatenate(part)) for part in zip(*model.edge_chunks()))
-    return Data(x=torch.cat(list(model.feature_chunks())), y=model.y, edge_index=torch.stack([source, target]))
+    return Data(x=torch.cat(list(model.feature_chunks())), y=model.y.long(), edge_index=torch.stack([source, target]))
 
 
 class ContextualSBM:
@@ -46,13 +46,16 @@ class ContextualSBM:
         self.num_nodes, self.num_classes, self.num_features = num_nodes, num_classes, num_features
         self.homophily, self.feature_signal, self.seed, self.chunk = homophily, feature_signal, seed, chunk
         self.generator = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(num_classes, (num_nodes,), generator=self.generator)
+        # Per-node arrays in the narrowest dtype that holds them (the same values as int64): at ogbn-papers100M's
+        # 111M nodes each int64 array would take 0.9 GB.
+        index = torch.int32 if num_nodes < 2**31 else torch.int64
+        self.y = torch.randint(num_classes, (num_nodes,), generator=self.generator, dtype=torch.int32)
         self.means = torch.randn(num_classes, num_features, generator=self.generator)
-        weight = pareto_weights(num_nodes, degree_exponent, self.generator) if degree_exponent is not None else None
-        self.sampler = ClassSampler(self.y, num_classes, weight)
+        self.sampler = ClassSampler(self.y, num_classes, pareto_weights(num_nodes, degree_exponent, self.generator)
+                                    if degree_exponent is not None else None)
         self.num_pairs = int(num_nodes * avg_degree / 2)
         # a random order of the nodes, drawn before the features (the store cuts its split from it)
-        self.permutation = torch.randperm(num_nodes, generator=self.generator)
+        self.permutation = torch.randperm(num_nodes, generator=self.generator, dtype=index)
 
     def edge_chunks(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """``(source, target)`` int64 chunks, every pair in both directions; the same on every call."""
@@ -61,7 +64,7 @@ class ContextualSBM:
             source, target = self.sampler.pairs(min(self.chunk, self.num_pairs - start), self.homophily,
                                                 chunk_generator)
             keep = source != target
-            source, target = source[keep].numpy(), target[keep].numpy()
+            source, target = source[keep].numpy().astype(np.int64), target[keep].numpy().astype(np.int64)
             yield np.concatenate([source, target]), np.concatenate([target, source])
 
     def feature_chunks(self) -> Iterator[Tensor]:
@@ -83,13 +86,17 @@ class ClassSampler:
 
     def __init__(self, y: Tensor, num_classes: int, weight: Optional[Tensor] = None) -> None:
         self.y = y
-        self.by_class = torch.argsort(y, stable=True)
+        order = torch.argsort(y, stable=True)
+        self.by_class = order.to(torch.int32) if y.numel() < 2**31 else order
+        del order
         self.counts = torch.bincount(y, minlength=num_classes)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.cumulative = None
-        if weight is not None:
-            self.cumulative = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                         torch.cumsum(weight[self.by_class].double(), 0)])
+        if weight is not None:  # float64: a float32 running sum over 10^8 weights would lose the small ones
+            sorted_weight = weight[self.by_class].double()
+            del weight
+            self.cumulative = torch.zeros(y.numel() + 1, dtype=torch.float64)
+            torch.cumsum(sorted_weight, 0, out=self.cumulative[1:])
 
     def _draw(self, start: Tensor, count: Tensor, generator: torch.Generator) -> Tensor:
         """One node from each segment ``by_class[start:start + count]``."""
