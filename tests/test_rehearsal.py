@@ -1,0 +1,43 @@
+"""The papers100M rehearsal end to end at a small scale, and what a DataLoader worker receives per batch."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import scaled_timeout
+from datamodules.partition import PartitionSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_rehearsal_runs_end_to_end_at_a_small_scale(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "papers100m_rehearsal.py"), "--scale", "0.00005",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out), "--steps", "2", "--workers", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(240))
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    result = json.loads(out.read_text())
+    assert result["num_nodes"] == 5553 and result["split"] == {"train": 60, "val": 10, "test": 11}
+    assert result["num_entries"] > 1.5 * 80_784  # both directions of 80,784 pairs, less the self loops dropped
+    assert result["build"]["store_gb"] > 0 and result["build"]["written_gb"] >= 0
+    assert result["train"]["steps"] == 2 and result["exact_eval"]["nodes"] == 5553
+    assert result["exact_eval"]["scratch_gb"] > 0 and result["predict"]["rows"] == 11
+    assert 0 < result["peak_anon_mb_any"] < 4096
+    assert not (tmp_path / "work").exists()  # removed unless --keep
+
+
+def test_a_worker_receives_only_its_batch(tmp_path):
+    """A batch request is a tensor of its own: pickled (as a DataLoader sends it to a worker) it takes the
+    batch's ids, not the epoch's permutation it was cut from (80 MB at 10M nodes)."""
+    num_nodes, batch = 2_000_000, 10_000
+    sampler = PartitionSampler(num_nodes, batch, seed=0, shuffle=True)
+    request, _ = next(iter(sampler))
+    sent = len(pickle.dumps(request))
+    assert request.numel() == batch and request.dtype == torch.int32
+    assert sent < 4 * batch + 2000, sent  # int32 ids and pickle's framing; the permutation would be 8 MB
+    evaluation = PartitionSampler(num_nodes, batch, shuffle=False, nodes=torch.arange(0, num_nodes, 3))
+    request, _ = next(iter(evaluation))
+    assert len(pickle.dumps(request)) < 8 * batch + 2000
