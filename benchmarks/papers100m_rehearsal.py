@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from difformer_lightning.io import write_json_atomic  # noqa: E402
-from proc import TreeSampler, folder_bytes, io_bytes  # noqa: E402
+from proc import TreeSampler, io_bytes  # noqa: E402
 
 PAPERS100M = {"nodes": 111_059_956, "pairs": 1_615_685_872, "features": 128, "classes": 172,
               "train": 1_207_179, "val": 125_265, "test": 214_338}
