@@ -1,17 +1,22 @@
-"""Peak memory of converting an ogbn-papers100M-shaped dataset into a graph store.
+"""The documented ogbn-papers100M conversion, measured on a dataset of papers100M's layout times ``--scale``.
 
-    python benchmarks/convert_memory.py --num-nodes 1000000 10000000 --out results/convert_memory.json
+    python benchmarks/convert_memory.py --scale 0.1 --out results/convert_memory.json
 
-For each size, writes a synthetic dataset in OGB's binary layout (``raw/data.npz`` with
-``edge_index`` [2, E] int64 and ``node_feat`` [N, 128] float32, ``raw/node-label.npz`` with 99% NaN
-labels, ``split/time``), streamed so the generator itself stays small, then runs
-``write_store_from_ogb`` in a child process and samples its ``/proc`` status every 0.1 s: peak
-RSS, and its anonymous part (process memory proper; the rest is file pages of the memory-mapped
-output, which the kernel can drop). A line fitted through the sizes is extrapolated to
-papers100M (111,059,956 nodes, 1,615,685,872 edges, 14.5 per node, as here).
+Writes a synthetic dataset in OGB's binary layout as OGB ships papers100M: ``raw/data.npz`` holding
+``edge_index`` [2, E] int64 and ``node_feat`` [N, 128] float32 as *deflated* members (``np.savez_compressed``),
+``raw/node-label.npz`` with labels on 1.4% of the nodes, ``split/time/*.csv.gz`` (111,059,956 x S nodes,
+1,615,685,872 x S edges, random ends). Then runs exactly the README's call,
+
+    write_store_from_ogb("ogbn-papers100M", out, root=root, undirected=True)
+
+in a child process (float16 features, the default; both directions stored), sampling its memory from /proc,
+and reports the time (inflating the members included), CPU time, peak anonymous memory (the process's own
+heap: the store's pages are page cache), the bytes the process wrote (``/proc/<pid>/io``: sent to storage,
+less what it deleted before it was written) against the store's size, and the store's size.
 """
 import argparse
 import gzip
+import json
 import subprocess
 import sys
 import tempfile
@@ -21,16 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from difformer_lightning.io import write_json_atomic  # noqa: E402
+from proc import TreeSampler  # noqa: E402
 
-PAPERS_NODES, PAPERS_EDGES, FEATURES = 111_059_956, 1_615_685_872, 128
+PAPERS_NODES, PAPERS_EDGES, FEATURES, LABELLED = 111_059_956, 1_615_685_872, 128, 1_546_782
 
 
-def write_npz_streaming(path: Path, arrays: dict) -> None:
-    """``arrays``: name -> (shape, dtype, iterator of C-ordered chunks); stored uncompressed."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+def write_npz_deflated(path: Path, arrays: dict) -> None:
+    """``arrays``: name -> (shape, dtype, iterator of C-ordered chunks); deflated members, as
+    ``np.savez_compressed`` writes them, streamed."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as bundle:
         for name, (shape, dtype, chunks) in arrays.items():
             with bundle.open(f"{name}.npy", "w", force_zip64=True) as stream:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
@@ -40,8 +48,7 @@ def write_npz_streaming(path: Path, arrays: dict) -> None:
                     stream.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def make_dataset(root: Path, num_nodes: int, seed: int = 0, chunk: int = 1 << 22) -> None:
-    num_edges = int(num_nodes * PAPERS_EDGES / PAPERS_NODES)
+def make_dataset(root: Path, num_nodes: int, num_edges: int, seed: int = 0, chunk: int = 1 << 22) -> None:
     rng = np.random.default_rng(seed)
     (root / "raw").mkdir(parents=True)
 
@@ -54,82 +61,89 @@ def make_dataset(root: Path, num_nodes: int, seed: int = 0, chunk: int = 1 << 22
         yield from ends(2)   # targets
 
     def features():
-        for start in range(0, num_nodes, chunk // FEATURES):
-            yield rng.standard_normal((min(chunk // FEATURES, num_nodes - start), FEATURES), dtype=np.float32)
+        rows = chunk // FEATURES
+        for start in range(0, num_nodes, rows):
+            yield rng.standard_normal((min(rows, num_nodes - start), FEATURES), dtype=np.float32)
+
+    labelled = rng.permutation(num_nodes)[:max(30, round(num_nodes * LABELLED / PAPERS_NODES))]
 
     def labels():
         for start in range(0, num_nodes, chunk):
             size = min(chunk, num_nodes - start)
-            values = rng.integers(0, 172, size).astype(np.float64)
-            values[rng.random(size) > 0.014] = np.nan
+            values = np.full(size, np.nan)
+            mine = labelled[(labelled >= start) & (labelled < start + size)] - start
+            values[mine] = rng.integers(0, 172, mine.size)
             yield values.reshape(-1, 1)
 
-    write_npz_streaming(root / "raw" / "data.npz", {
+    write_npz_deflated(root / "raw" / "data.npz", {
         "edge_index": ((2, num_edges), np.int64, edge_rows()),
         "node_feat": ((num_nodes, FEATURES), np.float32, features()),
         "num_nodes_list": ((1,), np.int64, [np.array([num_nodes])]),
         "num_edges_list": ((1,), np.int64, [np.array([num_edges])])})
-    write_npz_streaming(root / "raw" / "node-label.npz", {"node_label": ((num_nodes, 1), np.float64, labels())})
+    write_npz_deflated(root / "raw" / "node-label.npz", {"node_label": ((num_nodes, 1), np.float64, labels())})
     split = root / "split" / "time"
     split.mkdir(parents=True)
-    order = rng.permutation(num_nodes)[: max(3, num_nodes // 70)]
-    for name, part in zip(("train", "valid", "test"), np.array_split(np.sort(order), 3)):
+    for name, part in zip(("train", "valid", "test"), np.array_split(np.sort(labelled), 3)):
         with gzip.open(split / f"{name}.csv.gz", "wt") as handle:
             handle.write("\n".join(map(str, part)) + "\n")
 
 
 CONVERT = """
-import sys, numpy as np
+import json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
 from datamodules.ogb import write_store_from_ogb
-write_store_from_ogb("ogbn-papers100M", {out!r}, root={root!r}, feature_dtype=np.float16)
+from proc import io_bytes
+began, before = time.perf_counter(), io_bytes(os.getpid())
+write_store_from_ogb("ogbn-papers100M", {out!r}, root={root!r}, undirected=True)
+after, usage = io_bytes(os.getpid()), resource.getrusage(resource.RUSAGE_SELF)
+written = (after["write_bytes"] - before["write_bytes"]) - (after["cancelled_write_bytes"] - before["cancelled_write_bytes"])
+print(json.dumps({{"seconds": time.perf_counter() - began, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "written_bytes": written}}))
 """
 
 
 def measure(root: Path, out: Path) -> dict:
-    code = CONVERT.format(repo=str(Path(__file__).resolve().parents[1]), out=str(out), root=str(root))
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code])
-    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    while child.poll() is None:
-        try:
-            for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
-                key = line.split(":")[0]
-                if key in peak:
-                    peak[key] = max(peak[key], int(line.split()[1]))
-        except FileNotFoundError:
-            break
-        time.sleep(0.1)
+    code = CONVERT.format(repo=str(ROOT), out=str(out), root=str(root))
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "benchmarks", stdout=subprocess.PIPE, text=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+    sampler = TreeSampler(child.pid, interval=0.2)
+    output, _ = child.communicate()
+    sampler.stop()
     if child.returncode:
-        raise RuntimeError(f"conversion failed with exit code {child.returncode}")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak["VmRSS"] / 1024, 1),
-            "peak_anon_mb": round(peak["RssAnon"] / 1024, 1), "peak_file_mb": round(peak["RssFile"] / 1024, 1)}
+        raise RuntimeError(f"conversion failed with exit code {child.returncode}:\n{output[-3000:]}")
+    measured = json.loads(output.strip().splitlines()[-1])
+    meta = json.loads((out / "meta.json").read_text())
+    store = sum(spec["bytes"] for spec in meta["arrays"].values())
+    return {"seconds": round(measured["seconds"], 1), "cpu_s": round(measured["cpu_s"], 1),
+            "peak_anon_mb": round(sampler.peak_process_anonymous_kb / 1024, 1), "written_gb": measured["written_bytes"] / 1e9,
+            "store_gb": store / 1e9, "written_over_store": measured["written_bytes"] / store,
+            "num_entries": meta["num_edges"], "progress": [line for line in output.splitlines()
+                                                           if line.startswith("store ")][-3:]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-nodes", type=int, nargs="+", required=True)
+    parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--workdir", help="where the synthetic datasets and stores go (default: a temp dir)")
+    parser.add_argument("--workdir", help="where the synthetic dataset and the store go (default: a temp dir)")
     args = parser.parse_args()
-    rows = []
+    num_nodes, num_edges = round(PAPERS_NODES * args.scale), round(PAPERS_EDGES * args.scale)
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
-        for num_nodes in args.num_nodes:
-            root = Path(scratch) / f"papers-{num_nodes}"
-            make_dataset(root, num_nodes)
-            row = {"num_nodes": num_nodes, "num_edges": int(num_nodes * PAPERS_EDGES / PAPERS_NODES),
-                   **measure(root, Path(scratch) / f"store-{num_nodes}")}
-            rows.append(row)
-            print(row, flush=True)
-    result = {"sizes": rows}
-    if len(rows) >= 2:
-        n = np.array([r["num_nodes"] for r in rows], dtype=float)
-        for key in ("peak_rss_mb", "peak_anon_mb"):
-            slope, intercept = np.polyfit(n, [r[key] for r in rows], 1)
-            result[f"{key}_per_node_bytes"] = round(slope * 2**20, 1)
-            result[f"papers100m_{key.replace('_mb', '_gb')}"] = round((intercept + slope * PAPERS_NODES) / 1024, 1)
+        root = Path(scratch) / "papers100M-bin"
+        began = time.perf_counter()
+        make_dataset(root, num_nodes, num_edges)
+        dataset_s = time.perf_counter() - began
+        dataset_gb = sum(path.stat().st_size for path in root.rglob("*") if path.is_file()) / 1e9
+        result = {"scale": args.scale, "num_nodes": num_nodes, "num_edges": num_edges, "dataset_gb": dataset_gb,
+                  "dataset_written_s": round(dataset_s, 1), "call": 'write_store_from_ogb("ogbn-papers100M", out, '
+                                                                   'root=root, undirected=True)',
+                  **measure(root, Path(scratch) / "store")}
     write_json_atomic(args.out, result)
-    print(result)
+    print("| scale | nodes | entries stored | conversion (s) | CPU (s) | peak anonymous MB | written / store | store GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.scale} | {num_nodes:,} | {result['num_entries']:,} | {result['seconds']:,.0f} | {result['cpu_s']:,.0f} | "
+          f"{result['peak_anon_mb']:,.0f} | {result['written_over_store']:.2f} | {result['store_gb']:.2f} |")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ BUCKET_NODES = 1 << 16
 SPILL_BUFFER_BYTES = 64 << 20
 
 
-def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, progress=None) -> None:
+def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, num_edges: Optional[int] = None) -> None:
     """Builds ``rowptr``/``col`` (incoming edges per node) from ``edge_chunks``, a callable that returns an
     iterable of ``(source, target)`` int64 numpy chunks, or of ``(source, target, weight)`` for a weighted graph
     (then ``edge_weight`` is stored beside ``col``). It is called once: the input is read once.
@@ -46,15 +46,16 @@ def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, progress=None)
 
     Bytes written: the store's own plus the spill (6 of every 10 an edge's two ids take in it and in ``col``:
     1.45x the store for papers100M with float16 features). Memory: the spill buffer, one input chunk, and the
-    largest bucket's edges (about 20 bytes each while sorted); nothing of size N or E. ``progress``
-    (:class:`difformer_lightning.progress.Progress`) reports both passes.
+    largest bucket's edges (about 20 bytes each while sorted); nothing of size N or E. The writer's progress
+    reports both passes (``num_edges``, when known, sizes the first).
     """
+    progress = writer.progress
     spill = writer.tmp / "spill"
     spill.mkdir()
     index_dtype = column_dtype(num_nodes)
     buckets = _BucketSpill(spill, num_nodes, index_dtype)
     if progress is not None:
-        progress.stage("edges read")
+        progress.stage("edges read", num_edges, "edges")
     for chunk in edge_chunks():
         buckets.add(*chunk)
         if progress is not None:
@@ -66,7 +67,7 @@ def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, progress=None)
     weights = writer.create("edge_weight", (num_edges,), np.float32) if buckets.weighted else None
     rowptr[0] = 0
     if progress is not None:
-        progress.stage("col written")
+        progress.stage("col written", num_edges, "edges")
     base = 0
     for bucket in range(buckets.count):
         low, high = bucket * BUCKET_NODES, min((bucket + 1) * BUCKET_NODES, num_nodes)
@@ -188,7 +189,6 @@ def induced_subgraph(rowptr: Tensor, col: Tensor, nodes: Tensor,
     starts = rowptr[nodes]
     counts = rowptr[nodes + 1] - starts
     ends = torch.cumsum(counts, 0)
-    total = int(ends[-1]) if ends.numel() else 0
     # The nodes' in-edge positions are read in slices of about SUBGRAPH_SLICE positions (a node with more is a
     # slice of its own): memory grows with the slice, not with the batch's degree sum (a batch of high-degree
     # neighbours reads tens of millions of positions at about 60 bytes each).

@@ -195,7 +195,8 @@ def write_store_from_ogb(name: str, out: Union[str, Path], root: Optional[Union[
         features = raw.node_features()
     first = next(features)
     with StoreWriter(out, overwrite=overwrite) as writer:
-        write_csr(writer, raw.num_nodes, raw.directed_edges)
+        edges = raw.num_edges * (2 if raw.inverse else 1) if raw.binary else None
+        write_csr(writer, raw.num_nodes, raw.directed_edges, edges)
         write_nodes(writer, chain([first], features), raw.num_nodes, first.shape[1], feature_dtype, labels,
                     raw.splits())
         classes = num_tasks if multilabel else int(meta["num classes"])

@@ -33,6 +33,7 @@ from difformer_lightning.contracts import SPLITS
 from difformer_lightning.graph import edge_targets
 
 from difformer_lightning.io import atomic_file
+from difformer_lightning.progress import Progress
 
 from .csr import count_self_loops, write_csr
 from .validation import FEATURE_LIMIT, check_finite_features, check_labels, check_split_sizes
@@ -312,7 +313,7 @@ class StoreWriter:
     (their process gone) are removed.
     """
 
-    def __init__(self, path: Union[str, Path], overwrite: bool = False) -> None:
+    def __init__(self, path: Union[str, Path], overwrite: bool = False, progress: bool = True) -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
@@ -324,6 +325,10 @@ class StoreWriter:
         self.arrays: Dict[str, np.ndarray] = {}
         self.checked: set = set()  # what the writers verified while writing (meta.json's "checked")
         self.largest_feature: Optional[list] = None
+        # how far the writing is (a conversion of papers100M takes an hour): the writers report their stages
+        self.progress: Optional[Progress] = Progress(f"store {self.path.name}") if progress else None
+        if self.progress is not None:
+            self.progress.begin(message=f"writing {self.path}")
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -364,6 +369,8 @@ class StoreWriter:
             handle.write(json.dumps(meta, indent=2) + "\n")
         self.arrays.clear()
         # The full check once, here, recorded with the files it passed on: opens then skip it.
+        if self.progress is not None:
+            self.progress.stage("full check")
         GraphStore.open(self.tmp, validate="full")
         if not self.path.exists():
             self.tmp.rename(self.path)
@@ -378,6 +385,8 @@ class StoreWriter:
                 raise StoreError(f"could not move the new store {self.tmp} to {self.path} ({error}); the previous store "
                                  f"is at {old}: rename it back, or retry the write") from error
             shutil.rmtree(old)
+        if self.progress is not None:
+            self.progress.end()
         return self.path
 
 
@@ -418,7 +427,11 @@ def write_nodes(writer: StoreWriter, x_chunks: Iterable[np.ndarray], num_nodes: 
     """Writes features (streamed), labels and splits (index arrays plus the per-node code)."""
     x = writer.create("x", (num_nodes, num_features), feature_dtype)
     start, largest = 0, [0.0, 0, 0]
+    if writer.progress is not None:
+        writer.progress.stage("features written", num_nodes, "nodes")
     for chunk in x_chunks:
+        if writer.progress is not None:
+            writer.progress.advance(len(chunk))
         x[start:start + len(chunk)] = chunk
         # as stored: a value too large for float16 becomes inf here
         stored = torch.from_numpy(np.asarray(x[start:start + len(chunk)]))

@@ -143,7 +143,7 @@ def write_synthetic_store(path: Union[str, Path], num_nodes: int, num_classes: i
                           degree_exponent, seed, chunk)
     features = (chunk.numpy() for chunk in model.feature_chunks())
     with StoreWriter(path, overwrite=overwrite) as writer:
-        write_csr(writer, num_nodes, model.edge_chunks)
+        write_csr(writer, num_nodes, model.edge_chunks, 2 * model.num_pairs)  # about: self loops are dropped
         write_nodes(writer, features, num_nodes, num_features, feature_dtype, model.y.numpy().astype(np.int32),
                     _random_split(model.permutation, split))
         return writer.commit(num_classes, generator="contextual_sbm", avg_degree=avg_degree, homophily=homophily,
