@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,8 @@ class Phases(pl.Callback):
     def _finish(self, into: list, **extra) -> None:
         seconds, cpu = time.perf_counter() - self._start, cpu_now() - self._cpu
         self._memory.__exit__(None, None, None)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            extra["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         into.append({"seconds": seconds, "cpu_seconds": cpu, **self._memory.peak, **extra})
 
 
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=None, help="nodes per exact chunk (batch size)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or gpu (devices: GPUs)")
     parser.add_argument("--epochs", type=int, default=1,
                         help="training epochs, each followed by an exact evaluation; 0: one evaluation alone")
     parser.add_argument("--stores", default=str(Path(tempfile.gettempdir()) / "difformer-stores"))
@@ -176,7 +180,7 @@ def main() -> None:
     model = NodeClassifier(DIFFormer(num_features, args.hidden, data.store.num_classes, num_layers=args.layers,
                                      use_weight=True), lr=1e-2, weight_decay=0.0)
     phases = Phases(scratch_dir)
-    trainer = pl.Trainer(max_epochs=args.epochs, devices=args.devices, accelerator="cpu",
+    trainer = pl.Trainer(max_epochs=args.epochs, devices=args.devices, accelerator=args.accelerator,
                          strategy="ddp" if args.devices > 1 else "auto", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          precision=args.precision, callbacks=[phases])
@@ -213,7 +217,9 @@ def main() -> None:
                                              for i in evaluations),
               "scratch_apparent_bytes": max(r["evaluations"][i]["scratch"]["apparent"] for r in ranks
                                             for i in evaluations),
-              "val_acc": float(trainer.callback_metrics["val/acc"]), "ranks": ranks}
+              "val_acc": float(trainer.callback_metrics["val/acc"]), "ranks": ranks,
+              "cuda_peak_mb": max([e.get("cuda_peak_mb", 0.0) for r in ranks for e in r["evaluations"] + r["train_epochs"]]
+                                  or [0.0])}
     result["eval_over_epoch"] = [e / t for e, t in zip(result["exact_eval_s"], result["epoch_s"])]
     result["eval_cpu_over_epoch_cpu"] = [e / t for e, t in zip(result["exact_eval_cpu_s"], result["epoch_cpu_s"])]
     write_json_atomic(args.out, result)

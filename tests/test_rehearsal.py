@@ -41,3 +41,21 @@ def test_a_worker_receives_only_its_batch(tmp_path):
     evaluation = PartitionSampler(num_nodes, batch, shuffle=False, nodes=torch.arange(0, num_nodes, 3))
     request, _ = next(iter(evaluation))
     assert len(pickle.dumps(request)) < 8 * batch + 2000
+
+
+def test_the_gpu_check_runs_its_steps_dry_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every step of the GPU check (training step against PyG's SGFormer, the
+    exact pass in bf16 and fp16 against float32, DDP over 2 processes) at a tiny size on the CPU."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=scaled_timeout(600))
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["step"]["ours_step_s"] > 0 and result["step"]["pyg_sgformer_step_s"] > 0
+    for precision in ("bf16", "fp16"):
+        row = result[f"exact_{precision}"]
+        assert row["nodes"] == 20_000 and row[precision]["scratch_bytes"] < row["float32"]["scratch_bytes"]
+        assert row["same_class_as_float32"] > 0.9
+    assert result["ddp"]["devices"] == 2 and len(result["ddp"]["exact_eval_s"]) == 1
+    assert "| DDP over 2 devices" in done.stdout
