@@ -184,7 +184,9 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, qk_norm: QKNorm 
         groups.sort(key=lambda group: group[0].start)
         lengths = [nodes.stop - nodes.start for nodes, _ in groups]
         pieces = list(zip(*(t.split(lengths) for t in (query, key, value))))
-    else:
+    else:  # a mix of consecutive and scattered groups: every group as an index
+        groups = [(torch.arange(nodes.start, nodes.stop, device=batch.device) if isinstance(nodes, slice) else nodes,
+                   graph_ids) for nodes, graph_ids in groups]
         pieces = [tuple(t.index_select(0, nodes) for t in (query, key, value)) for nodes, _ in groups]
     parts = [_attend_group(*piece, graph_ids, qk_norm) for piece, (_, graph_ids) in zip(pieces, groups)]
     if consecutive:

@@ -501,10 +501,12 @@ class PassProgress(Progress):
         self.chunks = 0
 
     def begin_pass(self, num_layers: int, num_chunks: int, total_chunks: int, nodes: int, total_nodes: int,
-                   sweeps: int) -> None:
+                   sweeps: int, scratch_bytes: int = 0, scratch_folder: Optional[Path] = None) -> None:
         self.chunks = num_chunks
+        where = f"; scratch {scratch_bytes / 1e9:,.3f} GB in {scratch_folder}" if scratch_folder is not None else ""
         self.begin(nodes * sweeps, "nodes", f"{num_layers} layers over {total_nodes:,} nodes in {total_chunks:,} "
-                                            f"chunks; this process streams {num_chunks:,} chunks ({nodes:,} nodes)")
+                                            f"chunks; this process streams {num_chunks:,} chunks ({nodes:,} nodes)"
+                                            f"{where}")
 
     def stage(self, name: str, total: Optional[int] = None, unit: str = "chunks") -> None:
         super().stage(name, self.chunks if total is None else total, unit)
@@ -549,7 +551,8 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     timings["entries"] = 0.0
     if progress is not None:
         sweeps = 1 + len(model.convs) * (2 if conv.needs_graph or conv.kernel in ("simple", "sigmoid") else 1)
-        progress.begin_pass(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps)
+        progress.begin_pass(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps,
+                            layout_bytes(layout), scratch.folder)
         progress.stage("encoding")
     # The degrees depend on the graph only: computed in the first pass over it with these arrays, with the
     # chunks that hold a self loop (the others' graph rows skip looking for them).

@@ -197,9 +197,10 @@ def test_bf16_encoder_forward_agrees_with_float32_on_100k_nodes():
 @pytest.mark.parametrize("kernel, qk_norm, use_graph", [
     ("simple", "frobenius", True), ("simple", "row", False), ("sigmoid", "frobenius", True),
     ("gcn", "frobenius", True), ("gat", "frobenius", True), ("none", "frobenius", False)])
-@pytest.mark.parametrize("sizes", [(7, 1, 15, 4), (30, 4, 4, 4), (4, 4, 30, 5, 5)])
+@pytest.mark.parametrize("sizes", [(7, 1, 15, 4), (30, 4, 4, 4), (4, 4, 30, 5, 5), (4, 30, 4, 9)])
 def test_a_batch_of_graphs_gives_each_graph_what_it_gets_alone(kernel, qk_norm, use_graph, sizes):
-    # sizes: groups of unequal sizes, a large graph first, equal-sized graphs around a large one
+    # sizes: groups of unequal sizes, a large graph first, equal-sized graphs around a large one,
+    # a size group split by another graph (scattered nodes) beside consecutive groups
     from torch_geometric.data import Batch, Data
     graphs = [Data(x=x, edge_index=e, edge_weight=w)
               for x, e, w in (random_graph(n, 3 * n, seed=i) for i, n in enumerate(sizes))]

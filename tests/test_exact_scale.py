@@ -373,8 +373,11 @@ def test_progress_reports_stage_chunks_rate_and_time_left(awkward_store, tmp_pat
     model = DIFFormer(FEATURES, 8, CLASSES, num_layers=2).eval()
     scratch = Scratch(tmp_path)
     exact_states(model, store, 7, scratch, progress=PassProgress(report=lines.append, interval=0.0))
+    folder = scratch.folder
     scratch.close()
-    assert lines[0] == "exact pass: 2 layers over 29 nodes in 5 chunks; this process streams 5 chunks (29 nodes)"
+    assert folder is not None and folder.parent == tmp_path
+    assert lines[0] == ("exact pass: 2 layers over 29 nodes in 5 chunks; this process streams 5 chunks (29 nodes); "
+                        f"scratch {layout_bytes(scratch_layout(model, 29)) / 1e9:,.3f} GB in {folder}")
     assert any(line.startswith("exact pass: encoding, 5/5 chunks;") for line in lines)
     assert any(line.startswith("exact pass: layer 2/2, states, 3/5 chunks;") and "nodes/s" in line and "left" in line
                for line in lines)
