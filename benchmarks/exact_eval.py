@@ -47,37 +47,13 @@ from datamodules.synthetic import write_synthetic_store  # noqa: E402
 from difformer_lightning import DIFFormer, NodeClassifier  # noqa: E402
 from difformer_lightning.allocator import keep_freed_memory  # noqa: E402
 from difformer_lightning.io import write_json_atomic  # noqa: E402
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int = None) -> float:
-    """User + system CPU seconds of process ``pid`` (this one by default) and of all its live descendants
-    (DataLoader workers), from /proc; children that already exited are counted by ``RUSAGE_CHILDREN``."""
-    pid = pid or os.getpid()
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / _TICKS
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return total
-    return total + sum(tree_cpu_seconds(int(child)) for child in children)
+from proc import cpu_seconds, folder_sizes  # noqa: E402
 
 
 def cpu_now() -> float:
     finished = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return tree_cpu_seconds() + finished.ru_utime + finished.ru_stime
-
-
-def scratch_bytes(folder: Path) -> dict:
-    """Bytes allocated on disk and apparent bytes of every file under ``folder``."""
-    allocated = apparent = 0
-    for path in folder.rglob("*"):
-        if path.is_file():
-            status = path.stat()
-            allocated, apparent = allocated + status.st_blocks * 512, apparent + status.st_size
-    return {"allocated": allocated, "apparent": apparent}
+    # this process and its live workers, plus the children that already exited
+    return cpu_seconds(os.getpid()) + finished.ru_utime + finished.ru_stime
 
 
 class PeakMemory:
@@ -130,7 +106,7 @@ class Phases(pl.Callback):
 
     def on_validation_end(self, trainer, module):
         if not trainer.sanity_checking:
-            self._finish(self.validation, scratch=scratch_bytes(self.scratch_dir))
+            self._finish(self.validation, scratch=folder_sizes(self.scratch_dir))
 
     def _finish(self, into: list, **extra) -> None:
         seconds, cpu = time.perf_counter() - self._start, cpu_now() - self._cpu

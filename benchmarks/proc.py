@@ -93,13 +93,20 @@ class TreeSampler:
         self._thread.join()
 
 
-def folder_bytes(folder: Path) -> int:
-    """Bytes allocated on disk by every file under ``folder`` (0 when it does not exist)."""
-    total = 0
+def folder_sizes(folder: Path) -> Dict[str, int]:
+    """Bytes allocated on disk (``allocated``) and apparent bytes (``apparent``) of every file under ``folder``
+    (0 when it does not exist)."""
+    allocated = apparent = 0
     for root, _, files in os.walk(folder):
         for name in files:
             try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
+                status = os.stat(os.path.join(root, name))
             except OSError:
-                pass
-    return total
+                continue
+            allocated, apparent = allocated + status.st_blocks * 512, apparent + status.st_size
+    return {"allocated": allocated, "apparent": apparent}
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes allocated on disk by every file under ``folder`` (0 when it does not exist)."""
+    return folder_sizes(folder)["allocated"]

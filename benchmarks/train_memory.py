@@ -21,25 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from difformer_lightning.io import write_json_atomic  # noqa: E402
-
-
-def tree(pid: int) -> list:
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return [pid] + [p for child in children for p in tree(child)]
-
-
-def memory_kb(pid: int) -> dict:
-    try:
-        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
-    except OSError:
-        return {}
-    fields = {line.split(":")[0]: int(line.split()[1]) for line in lines}
-    return {"pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"], "rss": fields["Rss"]}
+from proc import memory_kb, tree  # noqa: E402
 
 
 def fit_command(store: str, batch_size: int, workers: int, devices: int, logs: str, extra: list) -> list:
