@@ -92,11 +92,11 @@ CONVERT = """
 import json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
 from datamodules.ogb import write_store_from_ogb
-from proc import io_bytes
+from proc import io_bytes, written_since
 began, before = time.perf_counter(), io_bytes(os.getpid())
 write_store_from_ogb("ogbn-papers100M", {out!r}, root={root!r}, undirected=True)
 after, usage = io_bytes(os.getpid()), resource.getrusage(resource.RUSAGE_SELF)
-written = (after["write_bytes"] - before["write_bytes"]) - (after["cancelled_write_bytes"] - before["cancelled_write_bytes"])
+written = written_since(before, after)
 print(json.dumps({{"seconds": time.perf_counter() - began, "cpu_s": usage.ru_utime + usage.ru_stime,
                   "written_bytes": written}}))
 """

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from difformer_lightning.io import write_json_atomic  # noqa: E402
-from proc import TreeSampler, io_bytes  # noqa: E402
+from proc import TreeSampler, io_bytes, written_since  # noqa: E402
 
 PAPERS100M = {"nodes": 111_059_956, "pairs": 1_615_685_872, "features": 128, "classes": 172,
               "train": 1_207_179, "val": 125_265, "test": 214_338}
@@ -68,8 +68,7 @@ def build(args) -> None:
                           degree_exponent=args.degree_exponent, split=fractions, seed=args.seed,
                           feature_dtype=np.float16, overwrite=True)
     after, usage = io_bytes(os.getpid()), resource.getrusage(resource.RUSAGE_SELF)
-    written = (after.get("write_bytes", 0) - before.get("write_bytes", 0)
-               - (after.get("cancelled_write_bytes", 0) - before.get("cancelled_write_bytes", 0)))
+    written = written_since(before, after)
     print(json.dumps({"wall_s": time.perf_counter() - began, "cpu_s": usage.ru_utime + usage.ru_stime,
                       "written_bytes": written}))
 

@@ -59,6 +59,13 @@ def io_bytes(pid: int) -> Dict[str, int]:
     return {key: int(value) for key, value in (line.split(": ") for line in lines)}
 
 
+def written_since(before: Dict[str, int], after: Dict[str, int]) -> int:
+    """Bytes a process sent to storage between two :func:`io_bytes` readings, less those it cancelled (files
+    deleted or truncated while still dirty: a spill file removed before writeback)."""
+    return ((after.get("write_bytes", 0) - before.get("write_bytes", 0))
+            - (after.get("cancelled_write_bytes", 0) - before.get("cancelled_write_bytes", 0)))
+
+
 class TreeSampler:
     """Samples the tree of ``pid`` every ``interval`` seconds until :meth:`stop`."""
 

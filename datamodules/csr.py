@@ -30,7 +30,7 @@ BUCKET_NODES = 1 << 16
 SPILL_BUFFER_BYTES = 64 << 20
 
 
-def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, num_edges: Optional[int] = None) -> None:
+def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, expected_edges: Optional[int] = None) -> None:
     """Builds ``rowptr``/``col`` (incoming edges per node) from ``edge_chunks``, a callable that returns an
     iterable of ``(source, target)`` int64 numpy chunks, or of ``(source, target, weight)`` for a weighted graph
     (then ``edge_weight`` is stored beside ``col``). It is called once: the input is read once.
@@ -47,7 +47,7 @@ def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, num_edges: Opt
     Bytes written: the store's own plus the spill (6 of every 10 an edge's two ids take in it and in ``col``:
     1.45x the store for papers100M with float16 features). Memory: the spill buffer, one input chunk, and the
     largest bucket's edges (about 20 bytes each while sorted); nothing of size N or E. The writer's progress
-    reports both passes (``num_edges``, when known, sizes the first).
+    reports both passes (``expected_edges``, when known, sizes the first).
     """
     progress = writer.progress
     spill = writer.tmp / "spill"
@@ -55,7 +55,7 @@ def write_csr(writer: "StoreWriter", num_nodes: int, edge_chunks, num_edges: Opt
     index_dtype = column_dtype(num_nodes)
     buckets = _BucketSpill(spill, num_nodes, index_dtype)
     if progress is not None:
-        progress.stage("edges read", num_edges, "edges")
+        progress.stage("edges read", expected_edges, "edges")
     for chunk in edge_chunks():
         buckets.add(*chunk)
         if progress is not None:
