@@ -116,9 +116,7 @@ class DIFFormerCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
-        model = self.model
-        rank_zero_info(f"best val/{model.metric_name} {float(model.best_val):.4f}, "
-                       f"test@best_val {float(model.test_at_best_val):.4f}")
+        rank_zero_info(self.model.selection_summary())
 
 
 def check_devices(accelerator, devices) -> None:

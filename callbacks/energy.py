@@ -2,6 +2,7 @@
 from typing import Dict, List
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,6 +55,12 @@ class Energy(pl.Callback):
     encoder over a fixed probe batch (``probe_nodes`` nodes, the data module's
     ``probe_batch``), so the curves show whether the layers descend the energy the model is
     derived from. ``weight`` is the paper's :math:`\\lambda`.
+
+    For a model with both an all-pairs term and the graph term (DIFFormer-s/-a with ``use_graph``) it
+    also logs ``energy/graph_ratio_k``, the graph term's size over the attention term's in layer ``k``
+    (:meth:`~difformer_lightning.DIFFormer.graph_term_ratios`), and reports the ratios at initialisation
+    when the fit starts (``initial_graph_ratios``): with raw edge weights of thousands the layers are graph
+    diffusions whatever the kernel.
     """
 
     def __init__(self, every_n_epochs: int = 1, probe_nodes: int = 10_000, weight: float = 1.0) -> None:
@@ -61,6 +68,7 @@ class Energy(pl.Callback):
             raise ValueError(f"every_n_epochs must be >= 1 and probe_nodes >= 2, got {every_n_epochs}, {probe_nodes}")
         self.every_n_epochs, self.probe_nodes, self.weight = every_n_epochs, probe_nodes, weight
         self._probe = None
+        self.initial_graph_ratios = None
 
     def setup(self, trainer: "pl.Trainer", module: "pl.LightningModule", stage: str) -> None:
         if trainer.datamodule is None or not isinstance(module, EncoderModule):
@@ -69,6 +77,13 @@ class Energy(pl.Callback):
         check_data_module(trainer.datamodule)
         self._probe = trainer.datamodule.probe_batch(self.probe_nodes)
 
+    def on_fit_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+        ratios = self._graph_ratios(module)
+        if ratios is not None:
+            self.initial_graph_ratios = ratios
+            rank_zero_info("graph term / attention term at initialisation, per layer: "
+                           + ", ".join(f"{ratio:.3g}" for ratio in ratios))
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         if trainer.current_epoch % self.every_n_epochs:
             return
@@ -76,7 +91,24 @@ class Energy(pl.Callback):
         was_training = module.training
         module.eval()
         with torch.no_grad(), torch.autocast(device_type=module.device.type, enabled=False):
-            states = module.encoder.diffuse(probe.x.float(), probe.get("edge_index"), probe.get("edge_weight"))
+            states = module.encoder.diffuse(probe.x.float(), probe.get("edge_index"), probe.get("edge_weight"),
+                                            probe.get("batch"))
         module.train(was_training)
         for name, value in diffusion_energy([s.float() for s in states], self.weight).items():
             module.log(f"energy/{name}", value)
+        for layer, ratio in enumerate(self._graph_ratios(module) or [], start=1):
+            module.log(f"energy/graph_ratio_{layer}", ratio)
+
+    def _graph_ratios(self, module: "pl.LightningModule"):
+        """The probe's graph-term ratios per layer (eval mode, float32), ``None`` for a model without both terms."""
+        encoder = module.encoder
+        if not (encoder.convs[0].use_graph and encoder.kernel in ("simple", "sigmoid")):
+            return None
+        probe = self._probe.to(module.device)
+        was_training = module.training
+        module.eval()
+        with torch.autocast(device_type=module.device.type, enabled=False):
+            ratios = encoder.graph_term_ratios(probe.x.float(), probe.edge_index, probe.get("edge_weight"),
+                                               probe.get("batch"))
+        module.train(was_training)
+        return ratios

@@ -4,7 +4,7 @@ from .conv import DIFFormerConv
 from .graph import NormalizedGraph
 from .model import DIFFormer
 from .node_classifier import NodeClassifier
-from .node_regressor import NodeRegressor, all_pairs_mse
+from .node_regressor import NodeRegressor, all_pairs_mse, trivial_forecasts
 
-__all__ = ["DIFFormer", "DIFFormerConv", "NodeClassifier", "NodeRegressor", "all_pairs_mse", "NormalizedGraph", "linear_attention", "sigmoid_attention",
+__all__ = ["DIFFormer", "DIFFormerConv", "NodeClassifier", "NodeRegressor", "all_pairs_mse", "trivial_forecasts", "NormalizedGraph", "linear_attention", "sigmoid_attention",
            "edge_attention"]

@@ -279,16 +279,33 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, block_bytes: in
     blocks whose attention fits in ``block_bytes``. With gradients enabled and more
     than one block, each block is recomputed in backward (activation checkpointing),
     so extra memory stays O(block x N) in training too. With ``batch`` (sorted graph ids)
-    each graph attends only to itself, one graph after another.
+    each graph attends only to itself: consecutive graphs of one size (the snapshots of a series) in one
+    batched product within ``block_bytes``, others one after another.
 
     Shapes: ``[N, H, D]`` each -> ``[N, H, D]``.
     """
+    num_nodes, num_heads, _ = query.shape
     if batch is not None:
         check_sorted(batch)
         sizes = torch.bincount(batch).tolist()
-        parts = zip(*(t.split(sizes) for t in (query, key, value)))
-        return torch.cat([sigmoid_attention(q, k, v, block_bytes) for q, k, v in parts if q.size(0)])
-    num_nodes, num_heads, _ = query.shape
+        out, start, first = [], 0, 0
+        while first < len(sizes):  # runs of consecutive graphs of one size (all snapshots of a series: one run)
+            size, last = sizes[first], first
+            while last < len(sizes) and sizes[last] == size:
+                last += 1
+            # as many graphs as fit block_bytes attend in one batched product, [G, H, n, n] scores
+            per_block = block_bytes // max(1, _SIGMOID_BYTES_PER_ENTRY * size * size * num_heads)
+            for group in range(first, last, max(1, per_block)) if size else ():
+                count = min(max(1, per_block), last - group)
+                rows = slice(start, start + count * size)
+                if per_block < 1:  # one graph's attention exceeds the budget: its rows in blocks
+                    out.append(sigmoid_attention(query[rows], key[rows], value[rows], block_bytes))
+                else:
+                    q, k, v = (t[rows].view(count, size, num_heads, -1).transpose(1, 2) for t in (query, key, value))
+                    out.append(_sigmoid_block(q, k, v).transpose(1, 2).reshape(count * size, num_heads, -1))
+                start += count * size
+            first = last
+        return torch.cat(out) if out else value.new_zeros(0, num_heads, value.size(-1))
     rows = sigmoid_rows_per_block(num_nodes, num_heads, block_bytes)
     query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # [H, N, D]
     if rows >= num_nodes:

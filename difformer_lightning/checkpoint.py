@@ -89,6 +89,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # What a data module's describe() must match for saved weights to apply at all, and what must
 # also match to continue a fit exactly (how the batches are drawn).
 DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_classes")
+# Also identity, recorded only by later versions (temporal data: the split's sizes, the weights'
+# transform): compared when the checkpoint has them.
+DATA_IDENTITY_RECORDED = ("num_snapshots", "split", "edge_weight_transform")
 DATA_TRAINING = ("batch_size", "seed", "fanout")
 # Model arguments that do not change results: a checkpoint resumes whatever they were.
 RUNTIME_OPTIONS = {"_instantiator", "compile_encoder"}
@@ -128,7 +131,8 @@ def _data_differences(checkpoint: Mapping[str, Any], data: Optional[Mapping[str,
                   if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping)), None)
     if data is None or saved is None:
         return []
-    keys = DATA_IDENTITY + (DATA_TRAINING if fitting else ())
+    keys = DATA_IDENTITY + tuple(key for key in DATA_IDENTITY_RECORDED if key in saved) + (
+        DATA_TRAINING if fitting else ())
     return [f"data.{key}: checkpoint {saved.get(key)!r}, this run {data.get(key)!r}"
             for key in keys if saved.get(key) != data.get(key)]
 

@@ -124,6 +124,17 @@ class DIFFormerConv(nn.Module):
                              f"pass edge_index, or use use_graph=False / a kernel without a graph")
         if self.kernel == "simple" and self.qk_norm == "frobenius" and batch is None:
             return self._fused_simple(x, graph)
+        value, attention, local = self.terms(x, graph, batch)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.combine(value, attention, local)
+
+    def terms(self, x: Tensor, graph: Optional[NormalizedGraph] = None, batch: Optional[Tensor] = None
+              ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The parts :meth:`combine` mixes, each ``[N, H, out_channels]``: the values, the all-pairs
+        term (``None`` for the local kernels) and the output of :meth:`local` (``None`` without a graph),
+        in float32 (float64 stays float64). Arguments as :meth:`forward`."""
+        if self.needs_graph and graph is None:
+            raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph")
         query, key, value = self.project(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.kernel == "simple":
@@ -133,7 +144,7 @@ class DIFFormerConv(nn.Module):
             else:
                 attention = None
             local = self.local(graph, value, value) if self.needs_graph else None
-            return self.combine(value, attention, local)
+        return value, attention, local
 
     def project(self, x: Tensor, parts: str = "qkv") -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """``(Q, K, V)`` of ``x`` ``[N, in_channels]``, each ``[N, H, out_channels]``, in float32 (float64

@@ -203,6 +203,10 @@ class EncoderModule(pl.LightningModule):
         self.log("test@best_val", self.test_at_best_val, prog_bar=True, sync_dist=True, reduce_fx="max")
         return improved
 
+    def selection_summary(self) -> str:
+        """The line a fit ends with: the best validation metric and the test metric at its epoch."""
+        return f"best val/{self.metric_name} {float(self.best_val):.4f}, test@best_val {float(self.test_at_best_val):.4f}"
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = gather_rng_states(self.device)
 

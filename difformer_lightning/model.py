@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .attention import QKNorm
 from .conv import DIFFormerConv, Kernel
-from .graph import NormalizedGraph, accumulation_dtype
+from .graph import NormalizedGraph, accumulation_dtype, graph_term_weights
 
 
 def check_edge_ids(edge_index: Tensor, num_nodes: int) -> None:
@@ -122,6 +122,33 @@ class DIFFormer(nn.Module):
         else:
             h = update
         return F.dropout(self.norms[layer](h), self.dropout, self.training)
+
+    @torch.no_grad()
+    def graph_term_ratios(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None,
+                          batch: Optional[Tensor] = None) -> List[float]:
+        r"""Per layer, how much larger the graph term is than the all-pairs term it is added to:
+        :math:`\lVert w_g \hat{A} V \rVert_F / \lVert w_a\, \mathrm{attention} \rVert_F` with the layer's
+        weights (:func:`~.graph.graph_term_weights`), on the states the layer receives in this forward pass
+        (arguments as :meth:`forward`; eval mode is the caller's choice). A ratio in the thousands means the
+        layer is a graph diffusion whatever the kernel (england_covid's raw trip counts as edge weights:
+        see ``datamodules.temporal.transform_edge_weights``).
+
+        Raises:
+            ValueError: the model has no attention term beside a graph term (``use_graph=False``, or the
+                kernels ``'none'``, ``'gcn'``, ``'gat'``).
+        """
+        if not (self.convs[0].use_graph and self.kernel in ("simple", "sigmoid")):
+            raise ValueError(f"graph_term_ratios compares the graph term with the attention term: this model "
+                             f"(kernel {self.kernel!r}, use_graph={self.convs[0].use_graph}) does not have both")
+        check_edge_ids(edge_index, x.size(0))
+        graph = NormalizedGraph.build(edge_index, edge_weight, x.size(0), accumulation_dtype(x.dtype))
+        h, ratios = self.encode(x), []
+        for layer, conv in enumerate(self.convs):
+            value, attention, local = conv.terms(h, graph, batch)
+            attention_weight, local_weight = graph_term_weights(conv.graph_weight)
+            ratios.append(float((local_weight * local).norm() / (attention_weight * attention).norm()))
+            h = self.step(layer, h, conv.combine(value, attention, local))
+        return ratios
 
     def decode(self, h: Tensor) -> Tensor:
         """The output map: final states ``[N, hidden_channels]`` -> logits ``[N, out_channels]``."""

@@ -130,3 +130,213 @@ def test_a_temporal_checkpoint_resumed_on_other_temporal_data_lists_the_differen
     assert "data.dataset: checkpoint 'TemporalDataModule:chickenpox', this run 'TemporalDataModule:england_covid'" \
         in message
     assert "data.num_nodes: checkpoint 20, this run 129" in message
+
+
+# ---- the reference's protocol (qitianwu/DIFFormer spatial-temporal/main.py, run.sh) and the standard one ----
+
+def pyg_temporal_split(count: int, train_ratio: float):
+    """PyTorch Geometric Temporal's temporal_signal_split, as its source writes it:
+    ``train_snapshots = int(train_ratio * data_iterator.snapshot_count)``; returns (train, rest) counts."""
+    first = int(train_ratio * count)
+    return first, count - first
+
+
+@pytest.mark.parametrize("count", [10, 53, 61, 517, 1000, 731])
+def test_split_boundaries_are_pyg_temporals_applied_twice_as_the_reference(count):
+    snapshots = [None] * count
+    split = chronological_split(snapshots)
+    # main.py: temporal_signal_split(dataset, 0.2), then on the rest with val_ratio / (1 - train_ratio)
+    train, rest = pyg_temporal_split(count, 0.2)
+    val, test = pyg_temporal_split(rest, 0.2 / (1 - 0.2))
+    assert [len(split[s]) for s in ("train", "val", "test")] == [train, val, test]
+
+
+def test_england_covid_and_chickenpox_split_as_the_reference():
+    root = str(data_root("temporal"))
+    covid = TemporalDataModule("england_covid", root=root)
+    assert [len(covid.splits[s]) for s in ("train", "val", "test")] == [10, 10, 33]  # not 10 / 11 / 32
+    chickenpox = TemporalDataModule("chickenpox", root=root)
+    assert [len(chickenpox.splits[s]) for s in ("train", "val", "test")] == [103, 103, 311]
+    assert chickenpox.describe()["split"] == [103, 103, 311]
+
+
+def _two_snapshots(seed=0, nodes=(5, 5)):
+    from torch_geometric.data import Batch, Data
+    generator = torch.Generator().manual_seed(seed)
+    graphs = []
+    for n in nodes:
+        edge_index = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+        graphs.append(Data(x=torch.randn(n, 4, generator=generator), y=torch.randn(n, generator=generator),
+                           edge_index=edge_index, edge_weight=torch.rand(n, generator=generator) + 0.5))
+    return graphs, Batch.from_data_list(graphs)
+
+
+@pytest.mark.parametrize("objective", ["mse", "mse_all_pairs"])
+def test_one_step_on_all_training_snapshots_has_the_reference_gradient(objective):
+    """main.py (chickenpox, covid): cost_tr = sum over snapshots of torch.mean((y_hat - y) ** 2) with y_hat [N, 1]
+    and y [N] (broadcast), divided by the count, one backward and one Adam step an epoch."""
+    graphs, batch = _two_snapshots()
+    torch.manual_seed(0)
+    module = NodeRegressor(DIFFormer(4, 4, 1, num_layers=2, use_graph=True, use_weight=False, dropout=0.0),
+                           objective=objective)
+    module.train()
+    loss = module.training_step(batch, 0)
+    ours = torch.autograd.grad(loss, list(module.parameters()))
+    reference = 0
+    for graph in graphs:
+        y_hat = module.encoder(graph.x, graph.edge_index, graph.edge_weight)  # [N, 1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the broadcast warning the reference ignores
+            target = graph.y if objective == "mse_all_pairs" else graph.y.unsqueeze(1)
+            reference = reference + torch.mean((y_hat - target) ** 2)
+    reference = reference / len(graphs)
+    torch.testing.assert_close(loss, reference)
+    for mine, theirs in zip(ours, torch.autograd.grad(reference, list(module.parameters()))):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_snapshots_per_batch_all_gives_one_step_an_epoch():
+    datamodule = TemporalDataModule("england_covid", root=str(data_root("temporal")), snapshots_per_batch="all")
+    assert len(datamodule.train_dataloader()) == 1
+    assert next(iter(datamodule.train_dataloader())).num_graphs == 10
+    with pytest.raises(ValueError, match="snapshots_per_batch must be an integer >= 1 or 'all'"):
+        TemporalDataModule("chickenpox", snapshots_per_batch=0)
+
+
+def reference_stop_epoch(values, patience):
+    """main.py's loop: a counter of non-improving epochs that is never reset; returns the last epoch run."""
+    best, no_improve = float("inf"), 0
+    for epoch, value in enumerate(values):
+        if value < best:
+            best = value
+        else:
+            no_improve += 1
+            if no_improve >= patience:
+                return epoch
+    return len(values) - 1
+
+
+class _Scripted(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    """Logs a given validation value per epoch and learns nothing."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.weight = values, torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/cost", float(self.values[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)))
+
+    val_dataloader = train_dataloader
+
+
+def test_cumulative_stopping_stops_where_the_reference_does_and_consecutive_patience_does_not():
+    import lightning.pytorch as pl
+    from callbacks import CumulativeEarlyStopping
+    # misses every other epoch, then improves every epoch: never 3 misses in a row, 3 in total by epoch 5
+    values = [10.0, 11.0, 9.0, 12.0, 8.0, 13.0, 7.0, 14.0, 6.0] + [5.0 - 0.1 * k for k in range(21)]
+    expected = reference_stop_epoch(values, patience=3)
+    assert expected == 5  # misses at epochs 1, 3, 5
+
+    def fit(callback):
+        trainer = pl.Trainer(max_epochs=len(values), callbacks=[callback], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(_Scripted(values))
+        return trainer.current_epoch - 1  # the last epoch run
+
+    stopping = CumulativeEarlyStopping("val/cost", patience=3)
+    assert fit(stopping) == expected
+    assert (stopping.best, stopping.non_improving) == (8.0, 3)
+    assert fit(EarlyStopping("val/cost", patience=3)) == len(values) - 1  # never 3 misses in a row
+    restored = CumulativeEarlyStopping("val/cost", patience=3)
+    restored.load_state_dict(stopping.state_dict())
+    assert (restored.best, restored.non_improving) == (8.0, 3)
+    with pytest.raises(ValueError, match="monitors 'val/missing', which was not logged; logged: val/cost"):
+        fit(CumulativeEarlyStopping("val/missing", patience=3))
+
+
+def test_trivial_forecasts_by_hand():
+    from difformer_lightning import trivial_forecasts
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])  # lags, oldest first; nodes 0, 1 | 2
+    batch = torch.tensor([0, 0, 1])
+    forecasts = trivial_forecasts(x, batch)
+    assert forecasts["zero"].tolist() == [0.0, 0.0, 0.0]
+    assert forecasts["previous_mean"].tolist() == [4.0, 4.0, 10.0]
+    assert forecasts["last_value"].tolist() == [2.0, 6.0, 10.0]
+    assert forecasts["lag_mean"].tolist() == [1.5, 4.5, 7.5]
+
+
+def test_edge_weight_transforms_and_covids_raw_weights_drown_the_attention():
+    from datamodules.temporal import transform_edge_weights
+    root = str(data_root("temporal"))
+    raw = TemporalDataModule("england_covid", root=root).splits["train"][0]
+    logged = TemporalDataModule("england_covid", root=root, edge_weight_transform="log1p").splits["train"][0]
+    scaled = TemporalDataModule("england_covid", root=root, edge_weight_transform="max").splits["train"][0]
+    torch.testing.assert_close(logged.edge_weight, torch.log1p(raw.edge_weight))
+    torch.testing.assert_close(scaled.edge_weight, raw.edge_weight / raw.edge_weight.max())
+    assert float(raw.edge_weight.max()) > 1e5 and float(scaled.edge_weight.max()) == 1.0
+    with pytest.raises(ValueError, match="edge_weight_transform must be 'none', 'log1p' or 'max', got 'sqrt'"):
+        transform_edge_weights([raw], "sqrt")
+    torch.manual_seed(0)
+    model = DIFFormer(8, 4, 1, num_layers=2, use_graph=True, use_weight=False).eval()
+    ratios = {name: model.graph_term_ratios(s.x, s.edge_index, s.edge_weight)
+              for name, s in (("none", raw), ("log1p", logged), ("max", scaled))}
+    assert ratios["none"][0] > 1000 and ratios["log1p"][0] < ratios["none"][0] / 100
+
+
+def test_graph_term_ratio_is_the_graph_terms_share_of_the_layer_output():
+    """Against two forward passes: the layer with the graph term minus the same layer without it is the
+    graph term (a plain sum, graph_weight -1); float64."""
+    from difformer_lightning import DIFFormerConv
+    graphs, batch = _two_snapshots(nodes=(6, 9))
+    for kernel in ("simple", "sigmoid"):
+        torch.manual_seed(0)
+        model = DIFFormer(4, 5, 1, num_layers=1, kernel=kernel, use_graph=True).double().eval()
+        alone = DIFFormerConv(5, 5, 1, kernel, use_graph=False).double()
+        alone.load_state_dict(model.convs[0].state_dict())
+        from difformer_lightning.graph import NormalizedGraph
+        x = batch.x.double()
+        h = model.encode(x)
+        graph = NormalizedGraph.build(batch.edge_index, batch.edge_weight.double(), x.size(0), torch.float64)
+        with torch.no_grad():
+            both, attention = model.convs[0](h, graph, batch.batch), alone(h, None, batch.batch)
+        expected = float((both - attention).norm() / attention.norm())
+        ratio, = model.graph_term_ratios(x, batch.edge_index, batch.edge_weight.double(), batch.batch)
+        assert ratio == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="does not have both"):
+        DIFFormer(4, 5, 1, use_graph=False).graph_term_ratios(x.float(), batch.edge_index)
+
+
+# run.sh of qitianwu/DIFFormer, spatial-temporal: (lr, weight_decay, dropout) per configuration
+RUN_SH = {("chickenpox", "s_graph"): (0.01, 0.0, 0.2), ("chickenpox", "s"): (0.01, 0.0, 0.2),
+          ("chickenpox", "a_graph"): (0.005, 0.0, 0.2), ("chickenpox", "a"): (0.01, 0.005, 0.2),
+          ("england_covid", "s_graph"): (0.01, 0.0, 0.2), ("england_covid", "s"): (0.01, 0.005, 0.2),
+          ("england_covid", "a_graph"): (0.01, 0.005, 0.5), ("england_covid", "a"): (0.005, 0.005, 0.2)}
+
+
+@pytest.mark.parametrize("dataset, variant", list(RUN_SH))
+def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_path):
+    from callbacks import CumulativeEarlyStopping
+    from train import main
+    cli = main(["fit", "--config", str(ROOT / "configs" / "reference" / f"{dataset}_{variant}.yaml"),
+                "--data.init_args.root", str(data_root("temporal")), "--trainer.max_epochs", "2",
+                "--trainer.default_root_dir", str(tmp_path), *QUIET], save_config_callback=None)
+    model, encoder = cli.model, cli.model.encoder
+    conv = encoder.convs[0]
+    assert (model.hparams.lr, model.hparams.weight_decay, encoder.dropout) == RUN_SH[(dataset, variant)]
+    assert (conv.kernel, conv.use_graph, conv.use_weight, conv.num_heads, encoder.alpha, len(encoder.convs),
+            encoder.hidden_channels) == ("simple" if variant[0] == "s" else "sigmoid", variant.endswith("graph"),
+                                         False, 1, 0.5, 2, 4)
+    assert model.objective == "mse_all_pairs" and len(cli.trainer.train_dataloader) == 1
+    assert cli.datamodule.edge_weight_transform == "none"
+    stopping = [c for c in cli.trainer.callbacks if isinstance(c, CumulativeEarlyStopping)]
+    assert [(c.monitor, c.patience) for c in stopping] == [("val/mse_all_pairs", 20)]
+    assert not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
