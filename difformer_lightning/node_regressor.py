@@ -95,6 +95,11 @@ class NodeRegressor(EncoderModule):
         return (f"best val/{self.objective} {float(self.best_val):.4f}, test@best_val (per-node MSE) "
                 f"{float(self.test_at_best_val):.4f}, test_all_pairs@best_val {float(self.test_all_pairs_at_best_val):.4f}")
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before `objective` existed trained on the per-node MSE
+        checkpoint.get("hyper_parameters", {}).setdefault("objective", "mse")
+        super().on_load_checkpoint(checkpoint)
+
     def forward(self, batch: Data) -> Tensor:
         return super().forward(batch).squeeze(-1)
 

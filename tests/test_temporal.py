@@ -340,3 +340,19 @@ def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_pa
     stopping = [c for c in cli.trainer.callbacks if isinstance(c, CumulativeEarlyStopping)]
     assert [(c.monitor, c.patience) for c in stopping] == [("val/mse_all_pairs", 20)]
     assert not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
+
+
+def test_a_checkpoint_from_before_the_objective_option_still_evaluates_and_resumes(tmp_path):
+    from train import main
+    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(data_root("temporal")),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *common, "--trainer.max_epochs", "1"], save_config_callback=None)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["hyper_parameters"]["objective"]  # as 0.1.0 wrote it
+    torch.save(checkpoint, path)
+    cli = main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", str(path)], save_config_callback=None)
+    assert cli.trainer.current_epoch == 2 and cli.model.objective == "mse"
+    # (EarlyStopping in the standard presets checks after validation: with Lightning's default check at the
+    # train epoch's end, this resume stopped with "val/mse which is not available")
