@@ -283,8 +283,15 @@ def main(args=None, **kwargs) -> DIFFormerCLI:
     kwargs.setdefault("trainer_defaults", {"default_root_dir": RUNS})
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("parser_class", ShortErrorParser)
-    return DIFFormerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        args=args, **kwargs)
+    try:
+        return DIFFormerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                            args=args, **kwargs)
+    except SystemExit as stop:
+        # Lightning ends an interrupted fit with sys.exit(1) inside its KeyboardInterrupt handler; the shell's
+        # convention for Ctrl-C is 130, so scripts can tell an interruption from a failure.
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from difformer_lightning.checkpoint import CheckpointError
 from difformer_lightning.encoder_module import EncoderModule
@@ -120,4 +121,12 @@ class Checkpoint(ModelCheckpoint):
             self._save_last(trainer)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        """Nothing is saved on an exception: the state then may be the cause (NonFiniteGuard) or half-updated."""
+        """Nothing is saved on an exception: the state then may be the cause (NonFiniteGuard) or half-updated.
+        An interrupted fit (Ctrl-C, SIGINT) says where it stopped, what ``last.ckpt`` holds and how to resume
+        (``train.py`` then exits with 130)."""
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            saved = (f"{self._path(LAST)} holds step {self._last_saved_step}" if self._last_saved_step >= 0 else
+                     f"{self._path(LAST)} holds the state written before this process (if any)"
+                     if self._path(LAST).is_file() else "no checkpoint was written yet")
+            rank_zero_info(f"fit interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; {saved}. "
+                           f"Resume: the same command with --ckpt_path last.")

@@ -264,3 +264,24 @@ def test_bf16_mixed_training_stays_finite_and_learns(tmp_path):
     metrics = last_epoch_metrics(tmp_path)
     assert all(value == value and abs(value) != float("inf") for value in metrics.values())
     assert metrics["test@best_val"] > 0.6  # as in float32 (test_default_job_learns_far_above_chance)
+
+
+def test_sigint_ends_a_fit_with_130_and_says_where_it_stopped_and_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT) once the first checkpoint exists: exit code 130 (the shell's for Ctrl-C; Lightning
+    itself exits 1), a line naming the epoch, the step, what last.ckpt holds and the resume option."""
+    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
+               "--trainer.max_epochs", "100000", "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.enable_progress_bar", "false"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    # SIGINT's default handler in the child (a shell runs background jobs with SIGINT ignored)
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + scaled_timeout(30)
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=scaled_timeout(30))
+    assert process.returncode == 130, output[-2000:]
+    line = next(line for line in output.splitlines() if line.startswith("fit interrupted at epoch "))
+    assert f"{last} holds step " in line and line.endswith("Resume: the same command with --ckpt_path last.")
