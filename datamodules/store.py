@@ -167,7 +167,9 @@ def read_meta(path: Path) -> dict:
     the missing or wrong key (or the JSON error's position in a file cut short)."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise StoreError(f"no graph store at {path} (missing meta.json); build one with {WRITERS}")
+        raise StoreError(f"no graph store at {path} (missing meta.json); build one with {WRITERS} (the demo store "
+                         f"of configs/synthetic_partition.yaml: python -m datamodules.make_store --out {path} "
+                         f"--nodes 1000000)")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -1,5 +1,6 @@
 """The graph store and random node partition against PyG's subgraph and hand-made graphs."""
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -295,3 +296,16 @@ def test_pyg_lib_and_pure_torch_paths_give_identical_batches(cora_store, monkeyp
         slow, slow_ids = induced_subgraph(rowptr, col, nodes)
         assert edge_set(fast) == edge_set(slow)
         assert sorted(fast_ids.tolist()) == sorted(slow_ids.tolist())  # the same edges of col
+
+
+def test_the_demo_store_command_writes_what_write_synthetic_store_writes_and_a_missing_store_names_it(tmp_path):
+    import subprocess
+    import sys
+    from datamodules.synthetic import write_synthetic_store
+    subprocess.run([sys.executable, "-m", "datamodules.make_store", "--out", str(tmp_path / "cli"), "--nodes", "3000"],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, timeout=300)
+    write_synthetic_store(tmp_path / "api", 3000, num_classes=10, num_features=64, avg_degree=10.0)
+    for name in ("rowptr", "col", "x", "y", "train_idx"):
+        assert (tmp_path / "cli" / f"{name}.npy").read_bytes() == (tmp_path / "api" / f"{name}.npy").read_bytes()
+    with pytest.raises(StoreError, match=f"python -m datamodules.make_store --out {tmp_path / 'none'} --nodes"):
+        GraphStore.open(tmp_path / "none")
