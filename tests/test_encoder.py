@@ -219,6 +219,31 @@ def test_a_batch_of_graphs_gives_each_graph_what_it_gets_alone(kernel, qk_norm, 
     assert not torch.equal(moved[batched.batch == 2], together[batched.batch == 2])
 
 
+@pytest.mark.parametrize("kernel, qk_norm", [("simple", "frobenius"), ("simple", "row"), ("sigmoid", "frobenius")])
+def test_random_mixes_of_graph_sizes_give_each_graph_what_it_gets_alone(kernel, qk_norm):
+    """60 random batches of 1 to 12 graphs of 1 to 12 nodes (repeated sizes, runs of equal sizes, sizes split by
+    others: every grouping the attention paths take), float64, against each graph alone; for DIFFormer-a also with
+    a block budget that splits the batched product into groups of graphs and single graphs into row blocks."""
+    from difformer_lightning.attention import linear_attention, sigmoid_attention
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        count = int(torch.randint(1, 13, (1,), generator=generator))
+        sizes = torch.randint(1, 13, (count,), generator=generator)
+        if trial % 3 == 0:  # runs of one size
+            sizes = sizes[torch.randint(0, count, (count,), generator=generator)].sort().values
+        batch = torch.repeat_interleave(torch.arange(count), sizes)
+        q, k, v = (torch.randn(int(sizes.sum()), 2, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+        parts = list(zip(*(t.split(sizes.tolist()) for t in (q, k, v))))
+        for budget in ((2**30, 3 * 8 * 2 * 13) if kernel == "sigmoid" else (None,)):
+            if kernel == "sigmoid":
+                together = sigmoid_attention(q, k, v, budget, batch)
+                alone = torch.cat([sigmoid_attention(a, b, c, budget) for a, b, c in parts])
+            else:
+                together = linear_attention(q, k, v, qk_norm, batch)
+                alone = torch.cat([linear_attention(a, b, c, qk_norm) for a, b, c in parts])
+            torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12, msg=f"sizes {sizes.tolist()}")
+
+
 def test_an_unsorted_batch_vector_is_refused():
     x, edge_index, _ = random_graph()
     batch = torch.arange(x.size(0)) % 2
