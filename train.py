@@ -37,7 +37,7 @@ from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
 from callbacks.checkpoint import BEST
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
-from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_file
+from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_content, check_checkpoint_file
 from difformer_lightning.contracts import check_data_module
 from difformer_lightning.io import atomic_file
 
@@ -99,6 +99,10 @@ class DIFFormerCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None and ckpt_path not in NAMED_CHECKPOINTS:
             check_checkpoint_file(ckpt_path)
+            # LightningCLI reads it as a dict next (a bare tensor saved as .ckpt failed with AttributeError);
+            # memory-mapped: the tensors are not read
+            check_checkpoint_content(torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True),
+                                     ckpt_path)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the run's Checkpoint (unless ``--trainer.enable_checkpointing false``) and

@@ -94,7 +94,7 @@ DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_class
 DATA_IDENTITY_RECORDED = ("num_snapshots", "split", "edge_weight_transform")
 DATA_TRAINING = ("batch_size", "seed", "fanout")
 # Model arguments that do not change results: a checkpoint resumes whatever they were.
-RUNTIME_OPTIONS = {"_instantiator", "compile_encoder"}
+RUNTIME_OPTIONS = {"_instantiator", "compile_encoder", "encoder.sigmoid_block_bytes"}  # (a memory budget)
 # Optimiser settings that may change when a fit resumes (a lower learning rate after a divergence, as
 # NonFiniteGuard advises): the change is reported, not refused; EncoderModule applies it to the optimiser.
 OPTIMIZER_OPTIONS = {"lr", "weight_decay"}

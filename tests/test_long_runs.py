@@ -224,6 +224,24 @@ def test_a_checkpoints_model_class_is_compared_when_it_was_saved():
         check_compatible(regressor, hparams, {}, None, fitting=True)
 
 
+def test_a_memory_budget_never_blocks_a_resume_and_a_model_setting_does():
+    saved = {"hyper_parameters": {"encoder": {"init_args": {"sigmoid_block_bytes": 2**30, "num_layers": 2}}}}
+    check_compatible(saved, {"encoder": {"init_args": {"sigmoid_block_bytes": 2**20, "num_layers": 2}}}, {}, None)
+    with pytest.raises(ValueError, match="model.encoder.num_layers: checkpoint 2, this run 3"):
+        check_compatible(saved, {"encoder": {"init_args": {"sigmoid_block_bytes": 2**30, "num_layers": 3}}}, {}, None)
+
+
+def test_a_torch_file_that_is_no_checkpoint_is_refused_by_name_before_lightning_reads_it(tmp_path):
+    path = tmp_path / "tensor.ckpt"
+    torch.save(torch.zeros(3), path)  # a complete torch.save file, but a bare tensor
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "test", "--config", str(ROOT / "configs" / "synthetic.yaml"),
+                             "--ckpt_path", str(path), "--trainer.default_root_dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=scaled_timeout(20))
+    assert result.returncode != 0
+    assert (f"CheckpointError: {path} is a PyTorch file but not a checkpoint of this project (it holds Tensor, "
+            "no 'state_dict')") in result.stderr.strip().splitlines()[-1]
+
+
 def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
