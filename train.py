@@ -62,6 +62,8 @@ class DIFFormerCLI(LightningCLI):
         # Everything here is checked or decided before any data is loaded or a process started.
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        if self.subcommand == "fit":
+            check_validation_schedule(trainer.check_val_every_n_epoch, trainer.max_epochs, trainer.limit_val_batches)
         for key, value in getattr(self, "_explicit_optimizer", {}).items():
             config.model.init_args[key] = value
         if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
@@ -121,6 +123,20 @@ class DIFFormerCLI(LightningCLI):
 
     def after_fit(self) -> None:
         rank_zero_info(self.model.selection_summary())
+
+
+def check_validation_schedule(every_n_epochs, max_epochs, limit_val_batches) -> None:
+    """Raises a ``ValueError`` for ``--trainer.check_val_every_n_epoch`` below 1 (Lightning fails later with a
+    division by zero) and warns when it exceeds ``max_epochs``: the fit would then never validate, write no
+    ``best.ckpt`` and report no ``test@best_val``."""
+    if every_n_epochs is None:
+        return
+    if every_n_epochs < 1:
+        raise ValueError(f"--trainer.check_val_every_n_epoch must be >= 1 (validate every that many epochs), got "
+                         f"{every_n_epochs}; to train without validation pass --trainer.limit_val_batches 0")
+    if max_epochs is not None and max_epochs >= 0 and every_n_epochs > max_epochs and limit_val_batches != 0:
+        rank_zero_warn(f"--trainer.check_val_every_n_epoch {every_n_epochs} is above --trainer.max_epochs {max_epochs}: "
+                       f"this fit never validates, so it writes no best.ckpt and test@best_val stays NaN; lower it")
 
 
 def check_devices(accelerator, devices) -> None:

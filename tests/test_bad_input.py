@@ -280,3 +280,16 @@ def test_edge_ids_outside_the_nodes_are_refused_by_the_encoder():
         DIFFormer(4, 8, 2)(torch.randn(5, 4), torch.tensor([[0, 1], [1, 7]]))
     with pytest.raises(ValueError, match="from -1 to 1"):
         DIFFormer(4, 8, 2, kernel="gcn")(torch.randn(5, 4), torch.tensor([[0, -1], [1, 1]]))
+
+
+def test_a_validation_schedule_that_never_validates_is_named_before_training(tmp_path):
+    from train import main
+    common = ["fit", "--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(ValueError, match="--trainer.check_val_every_n_epoch must be >= 1 .*got 0; to train without "
+                                         "validation pass --trainer.limit_val_batches 0"):
+        main([*common, "--trainer.check_val_every_n_epoch", "0"], save_config_callback=None)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    with pytest.warns(UserWarning, match="check_val_every_n_epoch 5 is above --trainer.max_epochs 2: this fit never "
+                                         "validates, so it writes no best.ckpt"):
+        main([*common, "--trainer.check_val_every_n_epoch", "5", "--trainer.max_epochs", "2"], save_config_callback=None)
