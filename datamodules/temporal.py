@@ -33,11 +33,30 @@ def _require(raw: dict, keys, source: str) -> None:
                              f"Geometric Temporal JSON file")
 
 
-def _zscore(values: torch.Tensor, epsilon: float) -> torch.Tensor:
+def _zscore(values: torch.Tensor, epsilon: float, source: str) -> torch.Tensor:
     """PyG-Temporal's standardisation per node, in float64 as numpy computes it: ``(y - mean) / (std +
-    epsilon)`` with the population standard deviation (``np.std``, ddof 0)."""
+    epsilon)`` with the population standard deviation (``np.std``, ddof 0). A constant series with ``epsilon``
+    0 would divide 0 by 0: a ``ValueError`` names the node instead."""
     values = values.double()
-    return ((values - values.mean(dim=0)) / (values.std(dim=0, unbiased=False) + epsilon)).float()
+    std = values.std(dim=0, unbiased=False)
+    if epsilon == 0 and bool((std == 0).any()):
+        node = int((std == 0).nonzero()[0])
+        raise ValueError(f"{source}: node {node}'s series is constant ({float(values[0, node])} at every time step; "
+                         f"{int((std == 0).sum())} such nodes): the per-node z-score divides by its standard deviation, "
+                         f"0. Drop the node or give it a varying series")
+    return ((values - values.mean(dim=0)) / (std + epsilon)).float()
+
+
+def _matrix(rows, key: str, source: str) -> torch.Tensor:
+    """``rows`` (a list of per-time-step lists) as a float64 ``[T, N]`` tensor; a row of another length is named."""
+    lengths = [len(row) if isinstance(row, list) else -1 for row in rows]
+    if not lengths:
+        raise ValueError(f"{source}: {key!r} holds no time steps")
+    for step, length in enumerate(lengths):
+        if length != lengths[0]:
+            raise ValueError(f"{source}: {key!r} row {step} (time step {step}) has {length if length >= 0 else 'no list of'} "
+                             f"values where row 0 has {lengths[0]} (one per node); the file is damaged or ragged")
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[Data]:
@@ -55,19 +74,19 @@ def snapshots_from_json(raw: dict, lags: int, source: str = "the JSON") -> List[
     if "edge_mapping" in raw:
         _require(raw, ("time_periods", "y"), source)
         _require(raw["edge_mapping"], ("edge_index", "edge_weight"), f"{source} edge_mapping")
-        values = _zscore(torch.tensor(raw["y"], dtype=torch.float64), 1e-10)
+        values = _zscore(_matrix(raw["y"], "y", source), 1e-10, source)
         graphs = [(torch.tensor(raw["edge_mapping"]["edge_index"][str(t)]).t(),
                    torch.tensor(raw["edge_mapping"]["edge_weight"][str(t)], dtype=torch.float32))
                   for t in range(values.size(0))]
     elif "FX" in raw:
         _require(raw, ("edges",), source)
-        values = torch.tensor(raw["FX"], dtype=torch.float32)
+        values = _matrix(raw["FX"], "FX", source).float()
         graphs = [_static_graph(raw)] * values.size(0)
     elif "time_periods" in raw:
         _require(raw, ("edges", "weights"), source)
         steps = int(raw["time_periods"])
         _require(raw, [str(t) for t in range(steps)], source)
-        values = _zscore(torch.tensor([raw[str(t)]["y"] for t in range(steps)], dtype=torch.float64), 0.0)
+        values = _zscore(_matrix([raw[str(t)]["y"] for t in range(steps)], "<t>.y", source), 0.0, source)
         graphs = [_static_graph(raw)] * steps
     else:  # none of the three: name the series key of the simplest layout, and the others
         _require(raw, ("FX",), source + " (layouts: FX with edges; edge_mapping with y; time_periods with '<t>' keys)")

@@ -356,3 +356,14 @@ def test_a_checkpoint_from_before_the_objective_option_still_evaluates_and_resum
     assert cli.trainer.current_epoch == 2 and cli.model.objective == "mse"
     # (EarlyStopping in the standard presets checks after validation: with Lightning's default check at the
     # train epoch's end, this resume stopped with "val/mse which is not available")
+
+
+def test_a_ragged_row_and_a_constant_series_are_named():
+    ragged = {"edges": STATIC["edges"], "FX": [row[:] for row in STATIC["FX"]]}
+    ragged["FX"][3] = ragged["FX"][3][:2]
+    with pytest.raises(ValueError, match="x.json: 'FX' row 3 \\(time step 3\\) has 2 values where row 0 has 3"):
+        snapshots_from_json(ragged, lags=2, source="x.json")
+    constant = {"edges": [[0, 1]], "weights": [1.0], "time_periods": 4,
+                **{str(t): {"y": [float(t), 5.0]} for t in range(4)}}  # node 1 stays 5.0
+    with pytest.raises(ValueError, match="w.json: node 1's series is constant \\(5.0 at every time step; 1 such nodes\\)"):
+        snapshots_from_json(constant, lags=1, source="w.json")
