@@ -1,7 +1,8 @@
 """Any node-classification dataset of ``torch_geometric.datasets``, by name, and the LINKX random split."""
+import difflib
 import inspect
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +38,18 @@ def random_split(y: Tensor, seed: int, train: float = 0.5, val: float = 0.25) ->
         mask[labelled[positions]] = True
         masks[f"{split}_mask"] = mask
     return masks
+
+
+def _asserted_names(dataset_class) -> List[str]:
+    """The names a PyG dataset class's ``__init__`` compares ``name`` against (the string constants of its code:
+    PyG asserts ``self.name in [...]`` and has no public list), for an error message only."""
+    names, code = [], dataset_class.__init__.__code__
+    for constant in code.co_consts:
+        for value in constant if isinstance(constant, (tuple, frozenset)) else (constant,):
+            if (isinstance(value, str) and value.isidentifier() and value.lower() == value and value.strip("_")
+                    and value not in names):
+                names.append(value)
+    return [name for name in names if name not in code.co_varnames]  # not a keyword passed on
 
 
 class PyGDataModule(NodeDataModule):
@@ -86,6 +99,13 @@ class PyGDataModule(NodeDataModule):
         try:
             with exclusive(self.folder / ".pyg"):
                 return self._class(root=str(self.folder), **kwargs)
+        except AssertionError:  # PyG's classes assert a known name (HeterophilousGraphDataset, WebKB, ...)
+            known = _asserted_names(self._class)
+            close = difflib.get_close_matches(str(self.name).lower(), known, n=1)
+            raise ValueError(f"{self.dataset} has no dataset named {self.name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + (f"; it knows {', '.join(known)}" if known else "; see its PyG documentation for the names")
+                             ) from None
         except (OSError, RuntimeError) as error:
             raise DatasetNotFoundError(
                 f"{self.dataset}{'(' + self.name + ')' if self.name else ''} is not under {self.folder} and could not "

@@ -293,3 +293,11 @@ def test_a_validation_schedule_that_never_validates_is_named_before_training(tmp
     with pytest.warns(UserWarning, match="check_val_every_n_epoch 5 is above --trainer.max_epochs 2: this fit never "
                                          "validates, so it writes no best.ckpt"):
         main([*common, "--trainer.check_val_every_n_epoch", "5", "--trainer.max_epochs", "2"], save_config_callback=None)
+
+
+def test_a_misspelt_pyg_dataset_name_is_named_with_the_closest_known_one(tmp_path):
+    from datamodules import PyGDataModule
+    with pytest.raises(ValueError, match="HeterophilousGraphDataset has no dataset named 'minesweepr' \\(did you mean "
+                                         "'minesweeper'\\?\\); it knows roman_empire, amazon_ratings, minesweeper, "
+                                         "tolokers, questions$"):
+        PyGDataModule("HeterophilousGraphDataset", "minesweepr", root=str(tmp_path)).data
