@@ -1,5 +1,9 @@
 """Full-batch node-level data, and the contract for plugging in a new dataset."""
+import gzip
 import os
+import pickle
+import zipfile
+import zlib
 from abc import abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Dict, Optional
@@ -27,6 +31,19 @@ def data_root(root: Optional[str]) -> Path:
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable."""
+
+
+# What reading a raw file cut short or damaged raises inside PyG's dataset classes (pickle, numpy's zip, gzip,
+# zlib): caught around them and named as a damaged file (the one place that list lives).
+DAMAGED_FILE_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile)
+
+
+def damaged_raw_files(what: str, folder: Path, error: BaseException) -> ValueError:
+    """The error for a dataset whose raw files under ``folder`` could not be read (``error``: one of
+    :data:`DAMAGED_FILE_ERRORS`): names the dataset, the folder, what failed and what to do."""
+    return ValueError(f"{what}: a raw file under {folder} is cut short or damaged ({type(error).__name__}: "
+                      f"{error}); delete {folder} so it is downloaded again (PyG does that where the network "
+                      f"allows), or copy the raw files there again")
 
 
 class GraphDataModule(pl.LightningDataModule):

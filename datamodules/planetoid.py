@@ -9,7 +9,7 @@ from torch_geometric.utils import remove_self_loops, to_undirected
 
 from difformer_lightning.contracts import SPLITS
 
-from .base import DatasetNotFoundError, NodeDataModule
+from .base import DAMAGED_FILE_ERRORS, DatasetNotFoundError, NodeDataModule, damaged_raw_files
 from .splits import class_balanced_split
 
 # (features, classes) of each dataset, so the model can be built before any download.
@@ -56,6 +56,8 @@ class PlanetoidDataModule(NodeDataModule):
     def _dataset(self) -> Planetoid:
         try:
             return Planetoid(str(self.folder), self.name, transform=NormalizeFeatures())
+        except DAMAGED_FILE_ERRORS as error:
+            raise damaged_raw_files(self.name, self.folder / self.name / "raw", error) from error
         except OSError as error:
             raise DatasetNotFoundError(
                 f"{self.name} is not under {self.folder / self.name / 'raw'} and could not be downloaded ({error}). "

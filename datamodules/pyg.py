@@ -13,7 +13,7 @@ from torch_geometric.utils import to_undirected
 
 from difformer_lightning.contracts import SPLITS
 
-from .base import DatasetNotFoundError, NodeDataModule
+from .base import DAMAGED_FILE_ERRORS, DatasetNotFoundError, NodeDataModule, damaged_raw_files
 from .prepare import exclusive
 
 # Where each family's files live under the data root (the layout of ../shared/data): <root>/<folder>/...
@@ -106,6 +106,9 @@ class PyGDataModule(NodeDataModule):
                              + (f" (did you mean {close[0]!r}?)" if close else "")
                              + (f"; it knows {', '.join(known)}" if known else "; see its PyG documentation for the names")
                              ) from None
+        except DAMAGED_FILE_ERRORS as error:
+            raise damaged_raw_files(f"{self.dataset}{'(' + self.name + ')' if self.name else ''}", self.folder,
+                                    error) from error
         except (OSError, RuntimeError) as error:
             raise DatasetNotFoundError(
                 f"{self.dataset}{'(' + self.name + ')' if self.name else ''} is not under {self.folder} and could not "

@@ -301,3 +301,24 @@ def test_a_misspelt_pyg_dataset_name_is_named_with_the_closest_known_one(tmp_pat
                                          "'minesweeper'\\?\\); it knows roman_empire, amazon_ratings, minesweeper, "
                                          "tolokers, questions$"):
         PyGDataModule("HeterophilousGraphDataset", "minesweepr", root=str(tmp_path)).data
+
+
+def test_truncated_raw_files_are_named_with_their_folder_and_the_fix(tmp_path):
+    import shutil
+    from conftest import data_folder
+    from datamodules import PlanetoidDataModule, PyGDataModule
+    raw = tmp_path / "planetoid" / "Cora" / "raw"
+    shutil.copytree(data_folder("planetoid") / "Cora" / "raw", raw)
+    (raw / "ind.cora.x").write_bytes((raw / "ind.cora.x").read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"Cora: a raw file under {raw} is cut short or damaged \\((EOFError|"
+                                         f"UnpicklingError): .*\\); delete {raw} so it is downloaded again"):
+        PlanetoidDataModule("Cora", root=str(tmp_path)).data
+    folder = tmp_path / "heterophilous"
+    shutil.copytree(data_folder("heterophilous"), folder)
+    npz = next(folder.rglob("minesweeper*.npz"))
+    for processed in folder.rglob("processed"):
+        shutil.rmtree(processed)
+    npz.write_bytes(npz.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="HeterophilousGraphDataset\\(Minesweeper\\): a raw file under .* is cut short "
+                                         "or damaged \\(BadZipFile"):
+        PyGDataModule("HeterophilousGraphDataset", "Minesweeper", root=str(tmp_path)).data
