@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from difformer_lightning.io import publish, staging_path
+from difformer_lightning.io import publish, remove_dead_staging, staging_path, write_json_atomic
 
 # Lightning's prediction loop warns that it cannot infer "batch indices" for a sampler that yields node
 # ranges; our batches carry their node ids (n_id), which is what this writer uses.
@@ -32,8 +32,14 @@ class PredictionWriter(BasePredictionWriter):
     every row has been written the files are renamed into place, so a file of that name is always
     complete, and files of an earlier prediction that this one does not write (``embeddings.npy``,
     ``node_ids.npy``) are removed, so the folder never mixes two predictions. A prediction that leaves a row
-    unwritten raises a ``RuntimeError`` and leaves no file. With several machines ``output_dir`` must be a
-    folder all of them mount.
+    unwritten raises a ``RuntimeError`` and leaves no file. ``predictions.json`` describes the set: the
+    checkpoint it came from (path, epoch, step), the rows (all nodes, or which ones), and each file with its
+    shape. Temporary files of killed predictions are removed when the next one starts. With several machines
+    ``output_dir`` must be a folder all of them mount.
+
+    Raises:
+        ValueError: ``output_dir`` cannot be written (before any prediction), or a batch holds a node id at
+            or above the data module's ``num_nodes``.
     """
 
     FILES = ("logits", "embeddings", "node_ids")
@@ -66,7 +72,16 @@ class PredictionWriter(BasePredictionWriter):
                                    if trainer.is_global_zero else None)
         self._staging = {name: Path(path) for name, path in zip(files, names)}
         if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = staging_path(folder / "probe")
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise ValueError(f"the predictions folder {folder} cannot be written ({error.strerror}): pass a "
+                                 f"writable --predictions.output_dir") from error
+            for name in (*self.FILES, "predictions"):  # what killed predictions left behind
+                remove_dead_staging(folder / f"{name}.{'json' if name == 'predictions' else 'npy'}")
             for name, width in widths.items():
                 np.lib.format.open_memmap(self._staging[name], "w+", np.float32, (num_rows, width)).flush()
             if nodes is not None:
@@ -88,6 +103,10 @@ class PredictionWriter(BasePredictionWriter):
             keep = self._sorted[slot] == ids
             rows = self._row_of[slot[keep]]
         rows = rows.numpy()
+        if rows.size and int(rows.max()) >= len(self._written):
+            raise ValueError(f"a prediction batch holds node id {int(rows.max())}, but the data module's num_nodes is "
+                             f"{len(self._written)}: num_nodes (the data contract) must count every node its "
+                             f"batches hold")
         for name, array in self._arrays.items():
             values = prediction[name].detach()
             array[rows] = (values if keep is None else values[keep.to(values.device)]).float().cpu().numpy()
@@ -116,6 +135,13 @@ class PredictionWriter(BasePredictionWriter):
             raise RuntimeError(f"prediction wrote {len(self._written) - missing} of {len(self._written)} rows: the "
                                f"prediction dataloaders did not cover every node asked for, so no file was written")
         if trainer.is_global_zero:
-            names = ", ".join(str(self.folder(trainer) / f"{name}.npy") for name in self._staging)
-            print(f"predictions written: {names}")
+            folder = self.folder(trainer)
+            shapes = {name: list(np.load(folder / f"{name}.npy", mmap_mode="r").shape) for name in self._staging}
+            write_json_atomic(folder / "predictions.json", {
+                "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step, "rows": len(self._written),
+                "nodes": "all" if self._sorted is None else "the ids in node_ids.npy, row k for node_ids[k]",
+                "files": {f"{name}.npy": shape for name, shape in shapes.items()}})
+            names = ", ".join(str(folder / f"{name}.npy") for name in self._staging)
+            print(f"predictions written: {names} (described in {folder / 'predictions.json'})")
         self._written = None

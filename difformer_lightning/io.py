@@ -31,6 +31,12 @@ def publish(staging: PathLike, path: PathLike) -> None:
         os.fsync(handle.fileno())
     os.replace(staging, path)
     _fsync_directory(path.parent)
+    remove_dead_staging(path)
+
+
+def remove_dead_staging(path: PathLike) -> None:
+    """Removes the temporary files of ``path`` (:func:`staging_path`) whose writing process is gone."""
+    path = Path(path)
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         if not _writer_alive(leftover):
             leftover.unlink(missing_ok=True)

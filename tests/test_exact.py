@@ -2,6 +2,7 @@
 graphs), its pieces against their references, any number of ranks, inside the training loop, and the
 predictions it writes."""
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -255,3 +256,15 @@ def test_full_batch_data_writes_the_same_prediction_files(tmp_path):
         expected = model.encoder(data.x, data.edge_index)
     np.testing.assert_allclose(np.load(run_dir / "predictions" / "logits.npy"), expected.numpy(), rtol=1e-5,
                                atol=1e-5)
+    manifest = json.loads((run_dir / "predictions" / "predictions.json").read_text())
+    assert manifest["checkpoint"] == str(checkpoint) and manifest["rows"] == 600 and manifest["nodes"] == "all"
+    assert manifest["files"] == {"logits.npy": [600, 5]}
+    # a second predict with embeddings, a dead writer's staging file; then one without: nothing of the
+    # earlier set stays, the dead writer's file is gone
+    run_cli("predict", *common, "--ckpt_path", str(checkpoint), "--predictions.embeddings", "true", run_dir=run_dir)
+    assert json.loads((run_dir / "predictions" / "predictions.json").read_text())["files"] == {
+        "logits.npy": [600, 5], "embeddings.npy": [600, 64]}
+    dead = run_dir / "predictions" / ".embeddings.npy.tmp-999999999-deadbeef"
+    dead.write_bytes(b"half")
+    run_cli("predict", *common, "--ckpt_path", str(checkpoint), run_dir=run_dir)
+    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["logits.npy", "predictions.json"]
