@@ -4,7 +4,9 @@ from typing import Any, Dict, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from difformer_lightning import NodeRegressor
 
 
 class CumulativeEarlyStopping(pl.Callback):
@@ -35,6 +37,12 @@ class CumulativeEarlyStopping(pl.Callback):
         self.monitor, self.patience, self.mode = monitor, patience, mode
         self.best = math.inf if mode == "min" else -math.inf
         self.non_improving = 0
+
+    def on_fit_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+        if isinstance(module, NodeRegressor) and self.monitor != f"val/{module.objective}":
+            rank_zero_warn(f"CumulativeEarlyStopping monitors {self.monitor} but the model selects its epoch on "
+                           f"val/{module.objective} (model.objective): stopping and selection follow different "
+                           f"metrics; set the callback's monitor to val/{module.objective}")
 
     def on_validation_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         if trainer.sanity_checking:

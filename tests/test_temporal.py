@@ -367,3 +367,15 @@ def test_a_ragged_row_and_a_constant_series_are_named():
                 **{str(t): {"y": [float(t), 5.0]} for t in range(4)}}  # node 1 stays 5.0
     with pytest.raises(ValueError, match="w.json: node 1's series is constant \\(5.0 at every time step; 1 such nodes\\)"):
         snapshots_from_json(constant, lags=1, source="w.json")
+
+
+def test_stopping_on_another_metric_than_the_selection_is_warned(tmp_path):
+    from train import main
+    with pytest.warns(UserWarning, match="CumulativeEarlyStopping monitors val/mse_all_pairs but the model selects its "
+                                         "epoch on val/mse"):
+        cli = main(["fit", "--config", str(ROOT / "configs" / "reference" / "england_covid_s.yaml"),
+                    "--data.init_args.root", str(data_root("temporal")), "--model.init_args.objective", "mse",
+                    "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path), *QUIET],
+                   save_config_callback=None)
+    assert cli.model.selection_summary().startswith("best val/mse ") and "reported: test@best_val (per-node MSE)" in \
+        cli.model.selection_summary()
