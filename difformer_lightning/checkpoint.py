@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill mid-write, name what does not match, and resume exactly."""
 import errno
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -66,11 +67,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_file(path) as handle:
                 torch.save(checkpoint, handle)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:  # the temporary file is gone; the previous checkpoint is intact
-                raise OSError(errno.ENOSPC, f"No space left on device (ENOSPC) writing {path}; the previous "
-                                            f"checkpoint there is intact. Free space, then resume") from error
-            raise
+        except (OSError, RuntimeError) as error:
+            # torch.save's zip writer reports a failed write as RuntimeError("... unexpected pos ..."), the
+            # OSError (ENOSPC) only in the chain: the last line names the full disk, the folder and the sizes
+            cause = error
+            while cause is not None and not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            folder = Path(path).parent
+            free = shutil.disk_usage(folder).free
+            previous = Path(path).stat().st_size if Path(path).is_file() else None
+            need = (f"about {previous / 1e9:.2f} GB (the previous checkpoint's size)" if previous is not None
+                    else "the checkpoint's size")
+            raise OSError(errno.ENOSPC, f"No space left on device (ENOSPC) writing {path}: it needs {need}, "
+                                        f"{free / 1e9:.2f} GB are free in {folder}; the previous checkpoint there is "
+                                        f"intact. Free space (or pass another --checkpoint.dirpath), then resume"
+                          ) from error
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
