@@ -47,12 +47,16 @@ def read_array(source: ArrayLike, key: str = "x") -> Tensor:
 def _read_csv(path: Path) -> Tensor:
     """Numeric rows of equal length (a non-numeric first row is a header); empty cells become NaN."""
     with open(path, newline="") as file:
-        rows = [row for row in csv.reader(file) if row]
-    if rows and not _numeric(rows[0]):
+        rows = list(csv.reader(file))
+    while rows and not rows[-1]:  # blank lines at the end
+        rows.pop()
+    if rows and rows[0] and not _numeric(rows[0]):
         rows = rows[1:]
-    if not rows:
+    if not rows or not any(rows):
         raise ValueError(f"{path} holds no rows")
-    width = len(rows[0])
+    width = len(next(row for row in rows if row))
+    # a blank line inside a one-column file is a missing value (its row keeps its place), as an empty cell
+    rows = [row or [""] * width for row in rows] if width == 1 else rows
     values = []
     for line, row in enumerate(rows, start=1):
         if len(row) != width:
