@@ -86,6 +86,9 @@ def test_energy_callback_logs_every_layer_of_the_probe_batch(tmp_path):
     module, data = trainer.lightning_module.eval(), trainer.datamodule.data
     with torch.no_grad():
         expected = diffusion_energy(module.encoder.diffuse(data.x, data.edge_index))
+    # a model with both terms also gets the graph term's size over the attention's, per layer
+    expected.update({f"graph_ratio_{k}": ratio for k, ratio in
+                     enumerate(module.encoder.graph_term_ratios(data.x, data.edge_index), start=1)})
     logged = {key.split("/")[1]: float(value) for key, value in trainer.callback_metrics.items()
               if key.startswith("energy/")}
     assert logged.keys() == expected.keys()
