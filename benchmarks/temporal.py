@@ -56,18 +56,15 @@ def run(config: Path, seed: int, data_args: list, graph: bool) -> dict:
 def trivial(datamodule: TemporalDataModule) -> dict:
     """Each trivial forecaster's per-node and all-pairs MSE over the test snapshots (all-pairs: the mean over
     snapshots of each one's, as the module and the reference average it)."""
-    snapshots = datamodule.splits["test"]
-    out = {}
-    for name in trivial_forecasts(snapshots[0].x, torch.zeros(snapshots[0].num_nodes, dtype=torch.long)):
-        per_node, pairs, count = 0.0, [], 0
-        for snapshot in snapshots:
-            batch = torch.zeros(snapshot.num_nodes, dtype=torch.long)
-            forecast = trivial_forecasts(snapshot.x, batch)[name]
-            per_node += float((forecast - snapshot.y).pow(2).sum())
-            count += snapshot.num_nodes
-            pairs.append(float(all_pairs_mse(forecast, snapshot.y, batch)[0]))
-        out[name] = {"test_mse": per_node / count, "test_mse_all_pairs": statistics.mean(pairs)}
-    return out
+    squares, pairs, count = {}, {}, 0
+    for snapshot in datamodule.splits["test"]:
+        batch = torch.zeros(snapshot.num_nodes, dtype=torch.long)
+        count += snapshot.num_nodes
+        for name, forecast in trivial_forecasts(snapshot.x, batch).items():
+            squares[name] = squares.get(name, 0.0) + float((forecast - snapshot.y).pow(2).sum())
+            pairs.setdefault(name, []).append(float(all_pairs_mse(forecast, snapshot.y, batch)[0]))
+    return {name: {"test_mse": squares[name] / count, "test_mse_all_pairs": statistics.mean(pairs[name])}
+            for name in squares}
 
 
 def spread(values: list) -> dict:

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from difformer_lightning.checkpoint import CheckpointError
 from difformer_lightning.encoder_module import EncoderModule
-from difformer_lightning.io import publish, staging_path
+from difformer_lightning.io import make_writable_folder, publish, staging_path
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -53,10 +53,7 @@ class Checkpoint(ModelCheckpoint):
         if stage == "fit" and trainer.is_global_zero:  # found now, not when the first save fails an epoch later
             folder = Path(self.dirpath)
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = staging_path(folder / LAST)
-                probe.write_bytes(b"")
-                probe.unlink()
+                make_writable_folder(folder)
             except OSError as error:
                 raise CheckpointError(f"the checkpoint folder {folder} is not writable ({error.strerror}): pass a "
                                       f"writable --checkpoint.dirpath or --trainer.default_root_dir") from error

@@ -3,7 +3,6 @@ import math
 from typing import Any, Dict, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from difformer_lightning import NodeRegressor
@@ -68,6 +67,5 @@ class CumulativeEarlyStopping(pl.Callback):
                 "patience": self.patience}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        best = state_dict["best"]
-        self.best = float(best.item() if isinstance(best, torch.Tensor) else best)
+        self.best = float(state_dict["best"])
         self.non_improving = int(state_dict["non_improving"])

@@ -78,37 +78,34 @@ class Energy(pl.Callback):
         self._probe = trainer.datamodule.probe_batch(self.probe_nodes)
 
     def on_fit_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
-        ratios = self._graph_ratios(module)
-        if ratios is not None:
-            self.initial_graph_ratios = ratios
+        if module.encoder.mixes_graph_and_attention:
+            self.initial_graph_ratios = self._on_probe(module, lambda encoder, probe: encoder.graph_term_ratios(
+                probe.x.float(), probe.edge_index, probe.get("edge_weight"), probe.get("batch")))
             rank_zero_info("graph term / attention term at initialisation, per layer: "
-                           + ", ".join(f"{ratio:.3g}" for ratio in ratios))
+                           + ", ".join(f"{ratio:.3g}" for ratio in self.initial_graph_ratios))
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         if trainer.current_epoch % self.every_n_epochs:
             return
+
+        def measure(encoder, probe):
+            arguments = (probe.x.float(), probe.get("edge_index"), probe.get("edge_weight"), probe.get("batch"))
+            ratios = encoder.graph_term_ratios(*arguments) if encoder.mixes_graph_and_attention else []
+            return encoder.diffuse(*arguments), ratios
+
+        states, ratios = self._on_probe(module, measure)
+        for name, value in diffusion_energy([s.float() for s in states], self.weight).items():
+            module.log(f"energy/{name}", value)
+        for layer, ratio in enumerate(ratios, start=1):
+            module.log(f"energy/graph_ratio_{layer}", ratio)
+
+    def _on_probe(self, module: "pl.LightningModule", function):
+        """``function(encoder, probe)`` in eval mode, without gradients, autocast off, on the module's device;
+        the module's training mode restored after."""
         probe = self._probe.to(module.device)
         was_training = module.training
         module.eval()
         with torch.no_grad(), torch.autocast(device_type=module.device.type, enabled=False):
-            states = module.encoder.diffuse(probe.x.float(), probe.get("edge_index"), probe.get("edge_weight"),
-                                            probe.get("batch"))
+            result = function(module.encoder, probe)
         module.train(was_training)
-        for name, value in diffusion_energy([s.float() for s in states], self.weight).items():
-            module.log(f"energy/{name}", value)
-        for layer, ratio in enumerate(self._graph_ratios(module) or [], start=1):
-            module.log(f"energy/graph_ratio_{layer}", ratio)
-
-    def _graph_ratios(self, module: "pl.LightningModule"):
-        """The probe's graph-term ratios per layer (eval mode, float32), ``None`` for a model without both terms."""
-        encoder = module.encoder
-        if not (encoder.convs[0].use_graph and encoder.kernel in ("simple", "sigmoid")):
-            return None
-        probe = self._probe.to(module.device)
-        was_training = module.training
-        module.eval()
-        with torch.autocast(device_type=module.device.type, enabled=False):
-            ratios = encoder.graph_term_ratios(probe.x.float(), probe.edge_index, probe.get("edge_weight"),
-                                               probe.get("batch"))
-        module.train(was_training)
-        return ratios
+        return result

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from difformer_lightning.io import publish, remove_dead_staging, staging_path, write_json_atomic
+from difformer_lightning.io import make_writable_folder, publish, remove_dead_staging, staging_path, write_json_atomic
+
+MANIFEST = "predictions.json"
 
 # Lightning's prediction loop warns that it cannot infer "batch indices" for a sampler that yields node
 # ranges; our batches carry their node ids (n_id), which is what this writer uses.
@@ -73,15 +75,12 @@ class PredictionWriter(BasePredictionWriter):
         self._staging = {name: Path(path) for name, path in zip(files, names)}
         if trainer.is_global_zero:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = staging_path(folder / "probe")
-                probe.write_bytes(b"")
-                probe.unlink()
+                make_writable_folder(folder)
             except OSError as error:
                 raise ValueError(f"the predictions folder {folder} cannot be written ({error.strerror}): pass a "
                                  f"writable --predictions.output_dir") from error
-            for name in (*self.FILES, "predictions"):  # what killed predictions left behind
-                remove_dead_staging(folder / f"{name}.{'json' if name == 'predictions' else 'npy'}")
+            for name in (*(f"{name}.npy" for name in self.FILES), MANIFEST):  # what killed predictions left
+                remove_dead_staging(folder / name)
             for name, width in widths.items():
                 np.lib.format.open_memmap(self._staging[name], "w+", np.float32, (num_rows, width)).flush()
             if nodes is not None:
@@ -137,11 +136,11 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             folder = self.folder(trainer)
             shapes = {name: list(np.load(folder / f"{name}.npy", mmap_mode="r").shape) for name in self._staging}
-            write_json_atomic(folder / "predictions.json", {
+            write_json_atomic(folder / MANIFEST, {
                 "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step, "rows": len(self._written),
                 "nodes": "all" if self._sorted is None else "the ids in node_ids.npy, row k for node_ids[k]",
                 "files": {f"{name}.npy": shape for name, shape in shapes.items()}})
             names = ", ".join(str(folder / f"{name}.npy") for name in self._staging)
-            print(f"predictions written: {names} (described in {folder / 'predictions.json'})")
+            print(f"predictions written: {names} (described in {folder / MANIFEST})")
         self._written = None

@@ -105,8 +105,9 @@ class ClassSampler:
             position = start + (u * count).long()
         else:
             low, high = self.cumulative[start], self.cumulative[start + count]
-            # searched in sorted order: neighbouring searches share their path through the N + 1 sums, 6.7x
-            # faster at papers100M's 111M nodes (3,733 -> 554 ns a draw here); the same positions
+            # searched in sorted order: neighbouring searches share their path through the N + 1 sums, 4.8x
+            # faster at papers100M's 111M nodes (benchmarks/degree_draws.py: 1,351 -> 279 ns a draw); the same
+            # positions
             values, order = torch.sort(low + u * (high - low))
             position = torch.empty_like(order)
             position[order] = torch.searchsorted(self.cumulative, values, right=True) - 1
@@ -189,4 +190,3 @@ class SyntheticCSBMDataModule(NodeDataModule):
         data = contextual_sbm(**self.generator_args)
         data.update(class_balanced_split(data.y, **self.split_args))
         return data
-

@@ -8,7 +8,7 @@ DIFFormer's attention stays within each snapshot.
 """
 import json
 import urllib.request
-from typing import Dict, List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union, get_args
 
 import torch
 from torch_geometric.data import Data
@@ -22,6 +22,12 @@ URL = "https://raw.githubusercontent.com/benedekrozemberczki/pytorch_geometric_t
 DEFAULT_LAGS = {"chickenpox": 4, "england_covid": 8, "wikivital_mathematics": 14}
 TemporalName = Literal["chickenpox", "england_covid", "wikivital_mathematics"]
 EdgeWeightTransform = Literal["none", "log1p", "max"]
+
+
+def check_edge_weight_transform(transform: str) -> None:
+    """Raises a ``ValueError`` naming the choices unless ``transform`` is an :data:`EdgeWeightTransform`."""
+    if transform not in get_args(EdgeWeightTransform):
+        raise ValueError(f"edge_weight_transform must be 'none', 'log1p' or 'max', got {transform!r}")
 
 
 def _require(raw: dict, keys, source: str) -> None:
@@ -143,8 +149,7 @@ def transform_edge_weights(snapshots: List[Data], transform: EdgeWeightTransform
     Raises:
         ValueError: an unknown ``transform``, or a negative weight under ``'log1p'``/``'max'``.
     """
-    if transform not in ("none", "log1p", "max"):
-        raise ValueError(f"edge_weight_transform must be 'none', 'log1p' or 'max', got {transform!r}")
+    check_edge_weight_transform(transform)
     if transform == "none":
         return snapshots
     done: Dict[int, torch.Tensor] = {}
@@ -186,8 +191,7 @@ class TemporalDataModule(GraphDataModule):
         if snapshots_per_batch != "all" and (not isinstance(snapshots_per_batch, int) or snapshots_per_batch < 1):
             raise ValueError(f"snapshots_per_batch must be an integer >= 1 or 'all' (one batch a split), got "
                              f"{snapshots_per_batch!r}")
-        if edge_weight_transform not in ("none", "log1p", "max"):
-            raise ValueError(f"edge_weight_transform must be 'none', 'log1p' or 'max', got {edge_weight_transform!r}")
+        check_edge_weight_transform(edge_weight_transform)
         self.name, self.lags = name, lags or DEFAULT_LAGS.get(name, 4)
         self.snapshots_per_batch, self.edge_weight_transform = snapshots_per_batch, edge_weight_transform
         self.path = data_root(root) / "temporal" / f"{name}.json"

@@ -34,6 +34,16 @@ def publish(staging: PathLike, path: PathLike) -> None:
     remove_dead_staging(path)
 
 
+def make_writable_folder(folder: PathLike) -> None:
+    """Creates ``folder`` (and its parents) and writes and removes a temporary file there, so a folder that
+    cannot be written is found before work is done; raises the ``OSError``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = staging_path(folder / "probe")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def remove_dead_staging(path: PathLike) -> None:
     """Removes the temporary files of ``path`` (:func:`staging_path`) whose writing process is gone."""
     path = Path(path)

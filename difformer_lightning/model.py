@@ -123,6 +123,12 @@ class DIFFormer(nn.Module):
             h = update
         return F.dropout(self.norms[layer](h), self.dropout, self.training)
 
+    @property
+    def mixes_graph_and_attention(self) -> bool:
+        """Whether each layer adds the graph term to an all-pairs attention term (DIFFormer-s/-a with
+        ``use_graph``), the models :meth:`graph_term_ratios` applies to."""
+        return self.convs[0].use_graph and self.kernel in ("simple", "sigmoid")
+
     @torch.no_grad()
     def graph_term_ratios(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None,
                           batch: Optional[Tensor] = None) -> List[float]:
@@ -137,7 +143,7 @@ class DIFFormer(nn.Module):
             ValueError: the model has no attention term beside a graph term (``use_graph=False``, or the
                 kernels ``'none'``, ``'gcn'``, ``'gat'``).
         """
-        if not (self.convs[0].use_graph and self.kernel in ("simple", "sigmoid")):
+        if not self.mixes_graph_and_attention:
             raise ValueError(f"graph_term_ratios compares the graph term with the attention term: this model "
                              f"(kernel {self.kernel!r}, use_graph={self.convs[0].use_graph}) does not have both")
         check_edge_ids(edge_index, x.size(0))

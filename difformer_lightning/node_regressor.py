@@ -1,5 +1,5 @@
 """Per-node regression (spatio-temporal forecasting) with a DIFFormer encoder."""
-from typing import Dict, Literal, Tuple
+from typing import Dict, Literal, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class NodeRegressor(EncoderModule):
         if encoder.lin_out.out_features != 1:
             raise ValueError(f"NodeRegressor predicts one value per node: the encoder needs out_channels=1, "
                              f"got {encoder.lin_out.out_features}")
-        if objective not in ("mse", "mse_all_pairs"):
+        if objective not in get_args(Objective):
             raise ValueError(f"objective must be 'mse' (per node) or 'mse_all_pairs' (the reference's), got "
                              f"{objective!r}")
         super().__init__(encoder, lr, weight_decay, compile_encoder)
@@ -88,7 +88,7 @@ class NodeRegressor(EncoderModule):
         self.mse = torch.nn.ModuleDict({split: MeanSquaredError() for split in EVALUATED})
         self.all_pairs = torch.nn.ModuleDict({split: MeanMetric() for split in EVALUATED})
         self.trivial = torch.nn.ModuleDict({f"{name}_{measure}": MeanSquaredError() if measure == "mse" else MeanMetric()
-                                            for name in TRIVIAL for measure in ("mse", "mse_all_pairs")})
+                                            for name in TRIVIAL for measure in get_args(Objective)})
         self.register_buffer("test_all_pairs_at_best_val", torch.tensor(float("nan")))
 
     def selection_summary(self) -> str:
@@ -137,7 +137,7 @@ class NodeRegressor(EncoderModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
         for name in TRIVIAL:
-            for measure in ("mse", "mse_all_pairs"):
+            for measure in get_args(Objective):
                 metric = self.trivial[f"{name}_{measure}"]
                 self.log(f"test/{measure}/{name}", metric.compute())
                 metric.reset()

@@ -115,11 +115,16 @@ def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args
              save_config_callback=None)
 
 
+def chickenpox_fit(run_dir):
+    """train.py options of a chickenpox_s fit that checkpoints into ``run_dir`` (no logger, no progress bar)."""
+    return ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(data_root("temporal")),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+            str(run_dir)]
+
+
 def test_a_temporal_checkpoint_resumed_on_other_temporal_data_lists_the_differences(tmp_path):
     from train import main
-    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(data_root("temporal")),
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.default_root_dir", str(tmp_path)]
+    common = chickenpox_fit(tmp_path)
     main(["fit", *common, "--trainer.max_epochs", "2"], save_config_callback=None)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
@@ -342,11 +347,9 @@ def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_pa
     assert not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
 
 
-def test_a_checkpoint_from_before_the_objective_option_still_evaluates_and_resumes(tmp_path):
+def test_a_checkpoint_from_before_the_objective_option_still_resumes(tmp_path):
     from train import main
-    common = ["--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.root", str(data_root("temporal")),
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.default_root_dir", str(tmp_path)]
+    common = chickenpox_fit(tmp_path)
     main(["fit", *common, "--trainer.max_epochs", "1"], save_config_callback=None)
     path = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, weights_only=False)
