@@ -29,6 +29,14 @@ def data_root(root: Optional[str]) -> Path:
     return Path(root or os.environ.get(DATA_ENV) or "data").expanduser()
 
 
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """The generator every DataLoader of this project is given: a DataLoader draws a seed from it each time an
+    iterator is created (its worker base seed), otherwise from the global random state. That global state is
+    the dropout's, which a checkpoint restores; a resumed run creates one iterator more than the uninterrupted
+    one (Lightning's sanity check), which would shift every later dropout mask and make the resume inexact."""
+    return torch.Generator().manual_seed(seed)
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable."""
 
@@ -193,7 +201,7 @@ class NodeDataModule(ClassificationTargets, GraphDataModule):
 
     def _loader(self) -> DataLoader:
         # One batch per epoch: the whole graph. batch_size=None hands the Data through as is.
-        return DataLoader([self.data], batch_size=None, collate_fn=_as_is)
+        return DataLoader([self.data], batch_size=None, collate_fn=_as_is, generator=loader_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader()

@@ -19,7 +19,7 @@ import numpy as np
 
 from difformer_lightning.contracts import SPLITS, ExactEvaluationPlan, NodeRows
 
-from .base import ClassificationTargets, GraphDataModule
+from .base import ClassificationTargets, GraphDataModule, loader_generator
 from .csr import NodeBitmap, induced_subgraph, sample_neighbors
 from .store import SPLIT_CODES, GraphStore, check_feature_range
 from .validation import FEATURE_LIMIT, feature_limit
@@ -187,11 +187,9 @@ class PartitionLoader:
                  seed: int = 0) -> None:
         self.sampler = sampler
         self.batch_sampler = None  # as a DataLoader with batch_size=None: Lightning looks for both
-        # An own generator: the DataLoader draws its worker base seed from it, not from the global RNG,
-        # whose state (dropout) a mid-epoch checkpoint restores.
         self.loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
                                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=loader_generator(seed))
         self._epoch, self._position = 0, 0
         self._resume: Optional[Tuple[int, int]] = None
 

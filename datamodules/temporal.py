@@ -16,7 +16,7 @@ from torch_geometric.loader import DataLoader
 
 from difformer_lightning.io import atomic_file
 
-from .base import DatasetNotFoundError, GraphDataModule, data_root
+from .base import DatasetNotFoundError, GraphDataModule, data_root, loader_generator
 
 URL = "https://raw.githubusercontent.com/benedekrozemberczki/pytorch_geometric_temporal/master/dataset/{name}.json"
 DEFAULT_LAGS = {"chickenpox": 4, "england_covid": 8, "wikivital_mathematics": 14}
@@ -256,7 +256,7 @@ class TemporalDataModule(GraphDataModule):
     def _loader(self, split: str) -> DataLoader:
         snapshots = self.splits[split]
         size = len(snapshots) if self.snapshots_per_batch == "all" else self.snapshots_per_batch
-        return DataLoader(snapshots, batch_size=size, shuffle=False)
+        return DataLoader(snapshots, batch_size=size, shuffle=False, generator=loader_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

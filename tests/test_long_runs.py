@@ -303,3 +303,22 @@ def test_sigint_ends_a_fit_with_130_and_says_where_it_stopped_and_how_to_resume(
     assert process.returncode == 130, output[-2000:]
     line = next(line for line in output.splitlines() if line.startswith("fit interrupted at epoch "))
     assert f"{last} holds step " in line and line.endswith("Resume: the same command with --ckpt_path last.")
+
+
+@pytest.mark.parametrize("kill", ["step 5", "validating 4"])
+def test_the_full_batch_demo_killed_and_resumed_logs_what_the_uninterrupted_run_logs(tmp_path, kill):
+    """The README's default job (one batch an epoch, dropout) killed after a step or while validating, then
+    resumed with --ckpt_path last: every logged value of every epoch and the final weights are the
+    uninterrupted run's. (The DataLoaders' iterators must not draw from the global random state that the
+    checkpoint restores: the resumed run's sanity check creates one more.)"""
+    config = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.max_epochs", "10",
+              "--trainer.enable_progress_bar", "false"]
+    reference = train(*config, run_dir=tmp_path / "uninterrupted")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    run_until(config[1], run_dir, kill, *config[2:])
+    resumed = train(*config, "--ckpt_path", "last", run_dir=run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_epochs(run_dir) == logged_epochs(tmp_path / "uninterrupted")
+    expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(run_dir)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
