@@ -21,10 +21,11 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import yaml
@@ -70,15 +71,21 @@ class DIFFormerCLI(LightningCLI):
             name = Path(str(config.config[-1])).stem if config.get("config") else "run"
             trainer.default_root_dir = str(run_folder(Path(RUNS) / name, run_settings(config), self.subcommand,
                                                       config.get("ckpt_path")))
+        root = Path(trainer.default_root_dir)
+        _STARTED.setdefault("folder", root)
+        _STARTED["versions"] = set(root.glob("**/version_*")) if root.is_dir() else set()
         if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in (None, "best"):
             config.ckpt_path = str(best_checkpoint(Path(trainer.default_root_dir)))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if trainer.logger is None or trainer.logger is True:
-            # every row written as it is logged: a killed run loses none of what it reported
+            # every row written as it is logged: a killed run loses none of what it reported. A fit logs into
+            # <run>/logs; validate/test/predict into <run>/eval/<subcommand>, apart from the fit's curves (which
+            # plot.py draws)
+            save_dir, name = ((trainer.default_root_dir, "logs") if self.subcommand == "fit" else
+                              (str(Path(trainer.default_root_dir) / "eval"), self.subcommand))
             trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                              "init_args": {"save_dir": trainer.default_root_dir, "name": "logs",
-                                            "flush_logs_every_n_steps": 1}}
+                              "init_args": {"save_dir": save_dir, "name": name, "flush_logs_every_n_steps": 1}}
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # PredictionWriter writes them; holding them all needs O(N) memory
         check_devices(trainer.accelerator, trainer.devices)
@@ -163,6 +170,13 @@ SETTINGS = "run.yaml"  # a run folder's model, data and seed settings
 RUN_DIR_ENV = "DIFFORMER_RUN_DIR"  # "<pid>:<folder>": the folder rank 0 chose, for the ranks it starts
 
 
+# Settings that say where or how fast a run works, not what it trains: two runs that differ only in these are
+# the same run (a data root given by $DIFFORMER_DATA or on the command line, more loader workers, another
+# memory budget).
+LOCAL_SETTINGS = {"data.root", "data.num_workers", "data.scratch_dir", "data.store_check", "data.pin_memory",
+                  "model.compile_encoder", "model.encoder.sigmoid_block_bytes"}
+
+
 def run_settings(config) -> str:
     """What defines a run (model, data, seed; not the Trainer's options such as max_epochs), as YAML."""
     settings = {key: config.get(key) for key in ("model", "data", "seed_everything")}
@@ -170,16 +184,61 @@ def run_settings(config) -> str:
     return yaml.safe_dump(as_dicts, sort_keys=True)
 
 
+def _flat_settings(settings: str) -> dict:
+    def flatten(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items()
+                    for k, v in flatten(item, prefix if key == "init_args" else f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    try:
+        loaded = yaml.safe_load(settings)
+    except yaml.YAMLError:
+        loaded = None
+    return flatten(loaded if isinstance(loaded, dict) else {"run.yaml": "<unreadable>"}, "")
+
+
+def settings_differences(saved: str, current: str) -> List[str]:
+    """``run.yaml`` texts compared: ``"model.lr: 0.005 there, 0.01 here"`` for every setting that defines a run
+    (all but :data:`LOCAL_SETTINGS`) and differs."""
+    before, now = _flat_settings(saved), _flat_settings(current)
+    unset = "<not set>"
+    return [f"{key}: {before.get(key, unset)!r} there, {now.get(key, unset)!r} here"
+            for key in sorted(before.keys() | now.keys())
+            if key not in LOCAL_SETTINGS and before.get(key, unset) != now.get(key, unset)]
+
+
+def _differences(folder: Path, settings: str) -> List[str]:
+    path = folder / SETTINGS
+    return settings_differences(path.read_text(), settings) if path.is_file() else [f"no {SETTINGS}"]
+
+
+def _describe_candidates(folders: List[Path], settings: str, limit: int = 5) -> str:
+    lines = []
+    for folder in reversed(folders[-limit:]):
+        differences = _differences(folder, settings)
+        lines.append(f"  {folder}: {'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}")
+    more = f"\n  (and {len(folders) - limit} older)" if len(folders) > limit else ""
+    return "\n".join(lines) + more
+
+
+# The run folder this process created for a fit, and the log folders that existed before it started: what a
+# start that fails before training leaves is removed (main()).
+_STARTED: dict = {}
+
+
 def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: Optional[str]) -> Path:
     """The run folder of a ``train.py`` call whose folder the user did not choose.
 
     ``fit`` starts a new run in the first free one of ``base``, ``base-2``, ``base-3``, ... (a rerun with other
-    settings never mixes its checkpoints or logs with an earlier run's); ``fit --ckpt_path last`` continues
-    the newest folder of this preset with the same model, data and seed (a requeued job), and an explicit
-    checkpoint file its own run's folder. ``test``/``predict``/``validate`` use the newest folder with the same
-    settings (or the checkpoint's). DDP ranks started by Lightning inherit rank 0's choice; processes started
-    all at once by torchrun or SLURM cannot agree on a new folder, so they use ``base`` itself (or pass
-    ``--trainer.default_root_dir``)."""
+    settings never mixes its checkpoints or logs with an earlier run's; simultaneous starts each take their
+    own); ``fit --ckpt_path last`` continues the newest folder of this preset with the same model, data and
+    seed (a requeued job) and says so, or says why it starts a new one; an explicit checkpoint file continues
+    its own run's folder. ``test``/``predict``/``validate`` use the newest folder with the same settings (or
+    the checkpoint's); when none has them, a ``ValueError`` lists the preset's runs and what differs.
+    Settings in :data:`LOCAL_SETTINGS` (the data root, workers, memory budgets) do not count. DDP ranks started
+    by Lightning inherit rank 0's choice; processes started all at once by torchrun or SLURM cannot agree on a
+    new folder, so they use ``base`` itself (or pass ``--trainer.default_root_dir``)."""
     parent, _, chosen = os.environ.get(RUN_DIR_ENV, "").partition(":")
     # a DDP rank Lightning started (LOCAL_RANK >= 1, a child of rank 0): rank 0's folder. Any other process
     # that inherits the variable (a program that called main() and then runs train.py) chooses its own.
@@ -189,24 +248,74 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         return base
     candidates = [base] + [base.with_name(f"{base.name}-{index}") for index in range(2, 1000)]
     existing = [folder for folder in candidates if folder.exists()]
-    same = [folder for folder in existing if (folder / SETTINGS).is_file() and (folder / SETTINGS).read_text() == settings]
-    if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+    same = [folder for folder in existing if not _differences(folder, settings)]
+    if ckpt_path not in (None, *NAMED_CHECKPOINTS):
         owner = Path(ckpt_path).resolve().parent.parent
         folder = next((f for f in existing if f.resolve() == owner), owner if subcommand != "fit" else None)
         if folder is not None:
             os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"
             return folder
-    if subcommand == "fit" and (ckpt_path != "last" or not same):
-        folder = next(folder for folder in candidates if not folder.exists())
-        folder.mkdir(parents=True)
-        with atomic_file(folder / SETTINGS, "w") as handle:
-            handle.write(settings)
-    elif same or existing:
-        folder = (same or existing)[-1]
+    if subcommand == "fit" and ckpt_path == "last" and same:
+        folder = same[-1]
+        rank_zero_info(f"--ckpt_path last: continuing {folder}, the newest run of this preset with these settings")
+    elif subcommand == "fit":
+        folder = _new_run_folder(candidates, settings)
+        if ckpt_path == "last":
+            why = (f"no run of this preset has these settings:\n{_describe_candidates(existing, settings)}"
+                   if existing else "no run of this preset exists yet")
+            rank_zero_info(f"--ckpt_path last: starting a new run in {folder}: {why}")
+    elif same:
+        folder = same[-1]
+    elif existing:
+        raise ValueError(f"{subcommand}: no run of this preset has these settings, and evaluating another run's "
+                         f"checkpoint would report a number these settings did not produce. The runs and what "
+                         f"differs:\n{_describe_candidates(existing, settings)}\nPass the settings of the run to "
+                         f"evaluate, its folder (--trainer.default_root_dir), or a checkpoint (--ckpt_path FILE).")
     else:
         folder = base
     os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"  # the DDP ranks Lightning starts use the same folder
     return folder
+
+
+def _new_run_folder(candidates: List[Path], settings: str) -> Path:
+    """Creates the first free candidate folder (``mkdir`` without ``exist_ok``: of simultaneous starts, each
+    gets its own) and writes ``run.yaml`` into it."""
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        _STARTED.update(folder=folder, created=True)
+        with atomic_file(folder / SETTINGS, "w") as handle:
+            handle.write(settings)
+        return folder
+    raise RuntimeError(f"{candidates[0]} and {len(candidates) - 1} numbered folders beside it all exist: remove old "
+                       f"runs or pass --trainer.default_root_dir")
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether a run folder holds anything a run produced: a checkpoint, a logged row, predictions."""
+    if any(folder.glob("checkpoints/*.ckpt")) or any(folder.glob("predictions/*.npy")):
+        return True
+    for metrics in folder.glob("**/metrics.csv"):
+        with open(metrics) as handle:
+            if sum(1 for _ in zip(range(2), handle)) > 1:  # a header and a row
+                return True
+    return False
+
+
+def remove_failed_start() -> None:
+    """After a ``train.py`` call failed: the run folder it created is removed when nothing was produced in it
+    (the next run is not numbered past an empty folder), and so are log folders it added without a row."""
+    folder = _STARTED.get("folder")
+    if folder is None or not folder.is_dir():
+        return
+    if _STARTED.get("created") and not _has_results(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for version in folder.glob("**/version_*"):
+        if version not in _STARTED.get("versions", set()) and version.is_dir() and not _has_results(version):
+            shutil.rmtree(version, ignore_errors=True)
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -309,9 +418,16 @@ def main(args=None, **kwargs) -> DIFFormerCLI:
     except SystemExit as stop:
         # Lightning ends an interrupted fit with sys.exit(1) inside its KeyboardInterrupt handler; the shell's
         # convention for Ctrl-C is 130, so scripts can tell an interruption from a failure.
+        if stop.code not in (0, None):
+            remove_failed_start()
         if isinstance(stop.__context__, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
+    except BaseException:
+        remove_failed_start()
+        raise
+    finally:
+        _STARTED.clear()
 
 
 if __name__ == "__main__":

@@ -95,11 +95,13 @@ class LINKXDataModule(RandomPartitionDataModule):
             data.update(linkx_splits(data.y, self.splits_file, self.split))
             write_store_from_data(data, path, num_classes=int(data.y.max()) + 1, overwrite=True)
 
-        prepare_store_once(self.path, build)
+        prepare_store_once(self.path, build, sources=lambda: (self.mat.parent, [self.mat, self.splits_file]))
 
     @property
     def store(self):
-        if self._store is None and not (self.path / "meta.json").is_file():
+        """The converted store; converted first when it is not there or its ``.mat`` (or splits file) changed
+        since (its sizes are what the model is built from, before Lightning calls ``prepare_data``)."""
+        if self._store is None:
             self.prepare_data()
         return super().store
 

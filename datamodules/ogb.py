@@ -248,13 +248,19 @@ class OGBDataModule(RandomPartitionDataModule):
 
         prepare_store_once(self.path, lambda path: write_store_from_ogb(
             self.name, path, root=self.raw_root, meta_dict=self.meta, undirected=self.undirected,
-            feature_dtype=self.feature_dtype, overwrite=True))
+            feature_dtype=self.feature_dtype, overwrite=True), sources=self._raw_files)
+
+    def _raw_files(self):
+        """OGB's raw files (``raw/``, ``split/``) the store is converted from, for its source record."""
+        files = [file for part in ("raw", "split") for file in (self.raw_root / part).rglob("*") if file.is_file()]
+        return self.raw_root, files
 
     @property
     def store(self):
-        """The converted store; converted first when it is not there yet (its sizes are what the model is
-        built from, before Lightning calls ``prepare_data``; the lock makes concurrent calls safe)."""
-        if self._store is None and not (self.path / "meta.json").is_file():
+        """The converted store; converted first when it is not there yet or OGB's raw files changed since
+        (its sizes are what the model is built from, before Lightning calls ``prepare_data``; the lock makes
+        concurrent calls safe)."""
+        if self._store is None:
             self.prepare_data()
         return super().store
 

@@ -10,6 +10,7 @@ from torch_geometric.utils import remove_self_loops, to_undirected
 from difformer_lightning.contracts import SPLITS
 
 from .base import DAMAGED_FILE_ERRORS, DatasetNotFoundError, NodeDataModule, damaged_raw_files
+from .prepare import load_pyg_dataset
 from .splits import class_balanced_split
 
 # (features, classes) of each dataset, so the model can be built before any download.
@@ -55,7 +56,7 @@ class PlanetoidDataModule(NodeDataModule):
 
     def _dataset(self) -> Planetoid:
         try:
-            return Planetoid(str(self.folder), self.name, transform=NormalizeFeatures())
+            return load_pyg_dataset(Planetoid, self.folder, name=self.name, transform=NormalizeFeatures())
         except DAMAGED_FILE_ERRORS as error:
             raise damaged_raw_files(self.name, self.folder / self.name / "raw", error) from error
         except OSError as error:

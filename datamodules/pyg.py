@@ -14,7 +14,7 @@ from torch_geometric.utils import to_undirected
 from difformer_lightning.contracts import SPLITS
 
 from .base import DAMAGED_FILE_ERRORS, DatasetNotFoundError, NodeDataModule, damaged_raw_files
-from .prepare import exclusive
+from .prepare import load_pyg_dataset
 
 # Where each family's files live under the data root (the layout of ../shared/data): <root>/<folder>/...
 FOLDERS = {"HeterophilousGraphDataset": "heterophilous", "LINKXDataset": "linkx", "WikipediaNetwork": "wikipedia"}
@@ -97,8 +97,7 @@ class PyGDataModule(NodeDataModule):
     def _load_pyg(self):
         kwargs = {"name": self.name} if self.name is not None else {}
         try:
-            with exclusive(self.folder / ".pyg"):
-                return self._class(root=str(self.folder), **kwargs)
+            return load_pyg_dataset(self._class, self.folder, **kwargs)
         except AssertionError:  # PyG's classes assert a known name (HeterophilousGraphDataset, WebKB, ...)
             known = _asserted_names(self._class)
             close = difflib.get_close_matches(str(self.name).lower(), known, n=1)

@@ -188,19 +188,25 @@ def _shape(tensor: Optional[torch.Tensor]) -> str:
     return "absent" if tensor is None else str(list(tensor.shape))
 
 
-def gather_rng_states(device: torch.device) -> List[Dict[str, torch.Tensor]]:
-    """The random-number state of every rank (CPU, and the rank's GPU), in rank order.
+def gather_ranks(state: Any) -> List[Any]:
+    """``state`` of every rank, in rank order (one element without DDP).
 
-    A collective under DDP: every rank must call it, as Lightning does when it saves.
+    A collective under DDP: every rank must call it, as Lightning does when it saves (every rank runs
+    ``on_save_checkpoint``; rank 0 writes the file).
     """
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         states: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(states, state)
         return states
     return [state]
+
+
+def gather_rng_states(device: torch.device) -> List[Dict[str, torch.Tensor]]:
+    """The random-number state of every rank (CPU, and the rank's GPU), in rank order (a collective)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return gather_ranks(state)
 
 
 def restore_rng_state(states: List[Dict[str, torch.Tensor]], rank: int, device: torch.device) -> None:
@@ -212,3 +218,16 @@ def restore_rng_state(states: List[Dict[str, torch.Tensor]], rank: int, device: 
     torch.set_rng_state(states[rank]["cpu"])
     if device.type == "cuda" and "cuda" in states[rank]:
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
+def rank_state_dict(states: List[Dict[str, torch.Tensor]], rank: int, world_size: int) -> Dict[str, torch.Tensor]:
+    """This rank's entries of the per-rank running sums that every rank saved (``gather_ranks`` of
+    ``{state_dict name: tensor}``): the checkpoint's ``state_dict`` holds rank 0's only, and loading those on
+    every rank would count rank 0's partial sums once per rank and lose the others'. With another number of
+    ranks than the checkpoint's, rank 0 takes the saved ranks' totals and the others start from zero (the
+    totals over ranks are kept)."""
+    if len(states) == world_size:
+        return dict(states[rank])
+    if rank == 0:
+        return {name: sum(state[name] for state in states) for name in states[0]}
+    return {name: torch.zeros_like(value) for name, value in states[0].items()}

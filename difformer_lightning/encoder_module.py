@@ -2,15 +2,16 @@
 import math
 import sys
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
+from torchmetrics import MeanMetric
 
-from .checkpoint import check_compatible, gather_rng_states, restore_rng_state
+from .checkpoint import check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
 from .contracts import ExactEvaluationPlan, NodeRows, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
@@ -40,6 +41,9 @@ class EncoderModule(pl.LightningModule):
     """
 
     higher_is_better = True
+    # state_dict entries holding this rank's own running sums within an epoch: a checkpoint saves every rank's
+    # (on_save_checkpoint), as its state_dict holds rank 0's only
+    per_rank_state: Tuple[str, ...] = ("train_loss.mean_value", "train_loss.weight")
 
     def __init__(self, encoder: DIFFormer, lr: float = 1e-3, weight_decay: float = 5e-4,
                  compile_encoder: bool = False) -> None:
@@ -59,6 +63,14 @@ class EncoderModule(pl.LightningModule):
         self.register_buffer("test_at_best_val", torch.tensor(float("nan")))
         # the global step of the best validation (callbacks.Checkpoint keeps that state as best.ckpt)
         self.register_buffer("best_step", torch.tensor(-1))
+        # The epoch's training loss, a running mean weighted by each batch's training nodes. Persistent, so a
+        # mid-epoch checkpoint carries the epoch's partial sums (every rank's: per_rank_state) and a resumed run
+        # logs the same epoch mean as an uninterrupted one; saved with the epoch it belongs to
+        # (train_loss_epoch), so one resumed from an epoch-end checkpoint (written before Lightning resets the
+        # logged mean) does not carry it into the next epoch. Synchronised over ranks when logged.
+        self.train_loss = MeanMetric()
+        self.train_loss.persistent(True)
+        self.register_buffer("train_loss_epoch", torch.tensor(-1))
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
         self._scratch: Optional[Scratch] = None
@@ -209,12 +221,15 @@ class EncoderModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = gather_rng_states(self.device)
+        if self.per_rank_state:
+            state = self.state_dict()
+            checkpoint["rank_states"] = gather_ranks({name: state[name].cpu() for name in self.per_rank_state})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the weights: a mismatch is reported by name, not as a
         # size-mismatch traceback; the dropout random state comes back only when resuming a fit.
         # Buffers added after a checkpoint was written: their initial values, not a size mismatch.
-        for name in ("best_step", "train_loss_epoch"):
+        for name in ("best_step", "train_loss_epoch", *self.per_rank_state):
             if name in self.state_dict():
                 checkpoint.get("state_dict", {}).setdefault(name, self.state_dict()[name].clone())
         datamodule = self._datamodule()
@@ -223,6 +238,20 @@ class EncoderModule(pl.LightningModule):
         check_compatible(checkpoint, self.hparams, self.state_dict(), data, fitting)
         if fitting and "rng_states" in checkpoint:
             restore_rng_state(checkpoint["rng_states"], self.global_rank, self.device)
+        if fitting and "rank_states" in checkpoint:
+            checkpoint["state_dict"].update(rank_state_dict(checkpoint["rank_states"], self.global_rank,
+                                                            self.trainer.world_size))
+
+    def on_train_epoch_start(self) -> None:
+        if int(self.train_loss_epoch) != self.current_epoch:
+            self.train_loss.reset()
+            self.train_loss_epoch.fill_(self.current_epoch)
+
+    def log_train_loss(self, name: str, loss: Tensor, weight) -> None:
+        """Adds a batch's loss, weighted by ``weight`` (its training nodes; 0 for a batch without any), to the
+        epoch's mean and logs that mean as ``name`` at the epoch's end. Every rank calls it every step."""
+        self.train_loss.update(loss.detach(), weight=weight)
+        self.log(name, self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_train_start(self) -> None:
         # A resumed fit restores the optimiser's state, its learning rate and weight decay included; the

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
-from torchmetrics import AUROC, Accuracy, MeanMetric, Metric, SumMetric
+from torchmetrics import AUROC, Accuracy, Metric, SumMetric
 
 from .contracts import SPLITS
 from .encoder_module import EncoderModule
@@ -28,7 +28,7 @@ class NodeClassifier(EncoderModule):
     validation metric so far (the reference's model selection), kept in the checkpoint.
 
     Checkpoints resume exactly, also mid-epoch: they hold every rank's random-number state
-    (dropout) and the running mean of the epoch's training loss; loading one whose model or
+    (dropout) and every rank's running sums of the epoch's training loss; loading one whose model or
     hyperparameters differ raises a ``ValueError`` naming the difference.
     """
 
@@ -48,11 +48,6 @@ class NodeClassifier(EncoderModule):
         self.metrics: Optional[nn.ModuleDict] = None
         if metric != "auto":
             self._use_metric(metric)
-        # Persistent, so a mid-epoch checkpoint carries the epoch's partial mean and a resumed
-        # run logs the same epoch loss as an uninterrupted one; synchronised over ranks.
-        self.train_loss = MeanMetric()
-        self.train_loss.persistent(True)
-        self.register_buffer("train_loss_epoch", torch.tensor(-1))
 
     def _use_metric(self, metric: str) -> None:
         """Builds each split's metric: ``accuracy`` (the fraction of correct nodes), ``rocauc`` (OGB's rule
@@ -83,14 +78,6 @@ class NodeClassifier(EncoderModule):
             datamodule = self._datamodule()
             self._use_metric(datamodule.metric if datamodule is not None else "accuracy")
 
-    def on_train_epoch_start(self) -> None:
-        # The running mean is saved in checkpoints with the epoch it belongs to (train_loss_epoch), so a
-        # run resumed mid-epoch keeps the epoch's partial mean and one resumed from an epoch-end checkpoint
-        # (written before Lightning resets the logged mean) does not carry it into the next epoch.
-        if int(self.train_loss_epoch) != self.current_epoch:
-            self.train_loss.reset()
-            self.train_loss_epoch.fill_(self.current_epoch)
-
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.hparams.task == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, target.float())
@@ -101,13 +88,13 @@ class NodeClassifier(EncoderModule):
         logits = self(batch)
         if mask.any():
             loss = self._loss(logits[mask], batch.y[mask])
-            self.train_loss.update(loss.detach(), weight=mask.sum())
+            self.log_train_loss("train/loss", loss, weight=mask.sum())
         else:
             # A partition batch may hold no training node: a zero loss that still touches every parameter
             # keeps DDP's gradient all-reduce in step across ranks, and the epoch mean is logged (and
             # synchronised over ranks) all the same, so no rank waits for another at the epoch's end.
             loss = logits.sum() * 0.0
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log_train_loss("train/loss", loss, weight=0)
         return loss
 
     def _update_metrics(self, batch: Data, splits) -> None:

@@ -113,8 +113,7 @@ class NodeRegressor(EncoderModule):
             loss = F.mse_loss(prediction, batch.y)
         else:  # the mean over the batch's snapshots of each one's broadcast error
             loss = all_pairs_mse(prediction, batch.y, _graphs(batch)).mean()
-        self.log(f"train/{self.objective}", loss, batch_size=batch.num_nodes, on_step=False, on_epoch=True,
-                 prog_bar=True)
+        self.log_train_loss(f"train/{self.objective}", loss, weight=batch.num_nodes)
         return loss
 
     def validation_step(self, batch: Data, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -22,15 +22,23 @@ from .io import atomic_file  # noqa: E402
 
 
 def read_metrics(log_dir: Path) -> Dict[str, Dict[int, float]]:
-    """``{metric: {epoch: value}}`` over all ``metrics.csv`` under ``log_dir``, oldest version first."""
-    files = sorted(Path(log_dir).rglob("metrics.csv"), key=lambda p: (p.stat().st_mtime, str(p)))
+    """``{metric: {epoch: value}}`` over the fit's ``metrics.csv`` files under ``log_dir``, oldest version first.
+    Logs of ``validate``/``test``/``predict`` are left out (``train.py`` writes them under ``<run>/eval``; an
+    earlier version wrote them beside the fit's: a file with no ``train/`` or ``val/`` column is one), so a
+    curve shows the fit's epochs only."""
+    files = sorted((path for path in Path(log_dir).rglob("metrics.csv")
+                    if "eval" not in path.relative_to(log_dir).parts),
+                   key=lambda p: (p.stat().st_mtime, str(p)))
     if not files:
         raise FileNotFoundError(f"no metrics.csv under {log_dir}: point at a run folder (e.g. runs/synthetic) "
                                 "trained with the CSV logger (train.py's default)")
     metrics: Dict[str, Dict[int, float]] = {}
     for path in files:
         with open(path) as file:
-            for row in csv.DictReader(file):
+            reader = csv.DictReader(file)
+            if not any(name.startswith(("train/", "val/")) for name in reader.fieldnames or ()):
+                continue  # an evaluation's log
+            for row in reader:
                 epoch = int(row["epoch"])
                 for key, value in row.items():
                     if key not in ("epoch", "step") and value:

@@ -1,5 +1,6 @@
 """Datasets by name: OGB (CSV and binary layouts, the lock, the Evaluator), PyG's classes on the real files,
 LINKX .mat files, PyG-Temporal's layouts and standardisation, and metrics equal to their evaluators."""
+import gzip
 import json
 import shutil
 import subprocess
@@ -228,3 +229,97 @@ def test_england_covid_zscores_are_pyg_temporals_on_the_real_file():
     z = (y - y.mean(axis=0)) / (y.std(axis=0) + 1e-10)  # EnglandCovidDatasetLoader: np.std (ddof 0)
     np.testing.assert_allclose(snapshots[0].x.numpy(), z[0:8].T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(snapshots[-1].y.numpy(), z[-1], rtol=1e-5, atol=1e-6)
+
+
+# --- derived data follows its raw files -----------------------------------------------------------------
+
+def _rebuild_lines(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.getMessage().startswith(("rebuilding ", "processing "))]
+
+
+def test_a_replaced_linkx_mat_is_converted_again_and_the_change_named(tmp_path, caplog):
+    from scipy.io import savemat
+    folder = tmp_path / "linkx"
+    folder.mkdir()
+
+    def write(n: int) -> None:
+        generator = np.random.default_rng(n)
+        savemat(folder / "tiny.mat", {"edge_index": generator.integers(0, n, size=(2, 3 * n)),
+                                      "node_feat": generator.standard_normal((n, 4)),
+                                      "label": generator.integers(0, 2, size=(1, n))})
+
+    def store():
+        return LINKXDataModule("tiny", root=str(tmp_path), batch_size=20, num_workers=0).store
+
+    write(60)
+    assert store().num_nodes == 60
+    meta = tmp_path / "stores" / "linkx-tiny-split0" / "meta.json"
+    built = meta.stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert store().num_nodes == 60 and meta.stat().st_mtime_ns == built  # unchanged: reused as it is
+    assert not _rebuild_lines(caplog)
+    write(90)  # another graph under the same name
+    assert store().num_nodes == 90
+    [line] = _rebuild_lines(caplog)
+    assert line.startswith(f"rebuilding {meta.parent}: its raw files changed since it was converted: tiny.mat "
+                           f"changed (size ")
+
+
+def test_a_copied_data_folder_keeps_its_sources_identity_and_a_changed_byte_does_not(tmp_path, monkeypatch):
+    from datamodules import prepare
+    small, large = tmp_path / "a" / "raw" / "small.bin", tmp_path / "a" / "raw" / "large.bin"
+    small.parent.mkdir(parents=True)
+    small.write_bytes(bytes(range(256)) * 10)
+    monkeypatch.setattr(prepare, "HASH_WHOLE_LIMIT", 4096)  # "large": hashed by size and sampled blocks
+    monkeypatch.setattr(prepare, "_SAMPLE", 512)
+    large.write_bytes(bytes(range(256)) * 40)
+    recorded = prepare.source_identity(tmp_path / "a", [small, large])
+    copy = shutil.copytree(tmp_path / "a", tmp_path / "b")  # new modification times, same bytes
+    assert prepare.source_changes(recorded, prepare.source_identity(copy, [copy / "raw" / "small.bin",
+                                                                           copy / "raw" / "large.bin"])) == []
+    for file, offset in ((small, 1000), (large, 10)):  # same size, one byte differs
+        content = bytearray(file.read_bytes())
+        content[offset] ^= 1
+        file.write_bytes(bytes(content))
+    changes = prepare.source_changes(recorded, prepare.source_identity(tmp_path / "a", [small, large]))
+    assert [change.split(" (")[0] for change in changes] == ["raw/large.bin changed", "raw/small.bin changed"]
+
+
+def test_a_fixed_ogb_raw_file_is_converted_again(copy_data, tmp_path, caplog):
+    data_root = copy_data("ogb_format")
+    meta = cora_meta(data_root)
+
+    def store():
+        return OGBDataModule("ogbn-cora", root=str(tmp_path), meta_dict=meta, batch_size=900, num_workers=0).store
+
+    labels = store().y.clone()
+    label_file = data_root / "ogb_format" / "ogbn_cora" / "raw" / "node-label.csv.gz"
+    rows = gzip.open(label_file, "rt").read().splitlines()
+    rows[0] = str((int(rows[0]) + 1) % 7)  # a corrected label
+    with gzip.open(label_file, "wt") as handle:
+        handle.write("\n".join(rows) + "\n")
+    caplog.set_level("INFO")
+    relabelled = store().y
+    assert int(relabelled[0]) == (int(labels[0]) + 1) % 7 and torch.equal(relabelled[1:], labels[1:])
+    [line] = _rebuild_lines(caplog)
+    assert "raw/node-label.csv.gz changed (size " in line
+
+
+def test_a_changed_pyg_raw_file_is_processed_again(copy_data, caplog):
+    from datamodules import PlanetoidDataModule
+    data_root = copy_data("planetoid")
+    before = PlanetoidDataModule("Cora", root=str(data_root)).data.x
+    index_file = data_root / "planetoid" / "Cora" / "raw" / "ind.cora.test.index"
+    lines = index_file.read_text().splitlines()
+    first, second = int(lines[0]), int(lines[1])
+    lines[0], lines[1] = lines[1], lines[0]  # the first two test nodes' rows trade places
+    index_file.write_text("\n".join(lines) + "\n")
+    caplog.set_level("INFO")
+    after = PlanetoidDataModule("Cora", root=str(data_root)).data.x
+    assert torch.equal(after[first], before[second]) and torch.equal(after[second], before[first])
+    [line] = _rebuild_lines(caplog)
+    assert line.startswith("processing Planetoid in ") and "ind.cora.test.index changed (size " in line
+    caplog.clear()
+    assert torch.equal(PlanetoidDataModule("Cora", root=str(data_root)).data.x, after)
+    assert not _rebuild_lines(caplog)  # recorded: not processed a third time

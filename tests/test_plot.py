@@ -25,3 +25,13 @@ def test_plot_merges_resumed_logs_and_writes_both_figures(tmp_path):
 def test_plot_without_logs_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.csv under"):
         main([str(tmp_path)])
+
+
+def test_plot_shows_the_fit_only_not_a_later_evaluation(tmp_path):
+    fit = tmp_path / "logs" / "version_0"
+    fit.mkdir(parents=True)
+    (fit / "metrics.csv").write_text("epoch,step,train/loss,val/acc,test/acc\n0,1,1.5,0.4,0.181\n1,2,1.2,0.5,0.3\n")
+    for evaluation in (tmp_path / "eval" / "test" / "version_0", tmp_path / "logs" / "version_1"):  # new, old layout
+        evaluation.mkdir(parents=True)
+        (evaluation / "metrics.csv").write_text("epoch,step,test/acc\n0,0,0.845\n")
+    assert read_metrics(tmp_path)["test/acc"] == {0: 0.181, 1: 0.3}

@@ -95,7 +95,8 @@ def test_a_data_module_of_ones_own_from_the_readme_recipe(tmp_path):
     output = train_py(tmp_path, "fit", "--config", CONFIG, "--data", "my_data.MyData", "--trainer.max_epochs", "30",
                       *QUIET)
     logged = logged_epochs(tmp_path / "runs" / "synthetic")
-    assert logged[max(logged)]["test@best_val"] > 0.9, output[-2000:]  # chance: 0.5
+    # chance 0.5; the Bayes rate of two unit Gaussians 3 apart is Phi(1.5) = 0.93, over only 50 test nodes
+    assert logged[max(logged)]["test@best_val"] > 0.8, output[-2000:]
 
 
 def test_a_class_that_does_not_import_is_reported_in_a_few_lines(tmp_path):
@@ -124,3 +125,64 @@ def test_a_bare_unknown_class_name_asks_for_its_import_path(tmp_path):
     assert lines[0] == ("train.py: error: --data: MyData is not a class this project knows: give its import path, "
                         "module.Class"), result.stderr
     assert "PlanetoidDataModule" in result.stderr and len(lines) <= 4
+
+
+def run_py(cwd, *args):
+    """``python train.py ARGS`` from ``cwd``, whatever its exit code."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=scaled_timeout(30))
+
+
+def test_evaluating_settings_no_run_has_lists_the_runs_and_what_differs(tmp_path):
+    """The newest run of a preset is not evaluated for other settings: its number is not theirs."""
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", *QUIET)
+    refused = run_py(tmp_path, "test", "--config", CONFIG, "--model.lr", "0.005", *QUIET)
+    assert refused.returncode != 0 and "Testing" not in refused.stdout
+    assert "test: no run of this preset has these settings" in refused.stderr, refused.stderr[-2000:]
+    assert f"  {Path('runs', 'synthetic')}: model.lr: 0.01 there, 0.005 here" in refused.stderr
+    # where the data lives (the root; $DIFFORMER_DATA when it is not given) does not make another run
+    output = train_py(tmp_path, "test", "--config", CONFIG, "--data.init_args.root", str(tmp_path / "elsewhere"), *QUIET)
+    assert f"evaluating {Path('runs', 'synthetic', 'checkpoints', 'best.ckpt')}" in output
+
+
+def test_resuming_last_says_whether_it_continues_or_starts_afresh_and_why(tmp_path):
+    output = train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", "--ckpt_path", "last", *QUIET)
+    assert f"--ckpt_path last: starting a new run in {Path('runs', 'synthetic')}: no run of this preset exists" in output
+    output = train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "3", "--ckpt_path", "last", *QUIET)
+    assert f"--ckpt_path last: continuing {Path('runs', 'synthetic')}, the newest run of this preset" in output
+    output = train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                      "--model.encoder.init_args.hidden_channels", "32", *QUIET)
+    assert (f"--ckpt_path last: starting a new run in {Path('runs', 'synthetic-2')}: no run of this preset has "
+            f"these settings:\n  {Path('runs', 'synthetic')}: model.encoder.hidden_channels: 64 there, 32 here") in output
+
+
+def test_simultaneous_starts_each_get_a_folder_of_their_own(tmp_path):
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; import train; "
+              f"print(train.run_folder(Path('runs/synthetic'), 'seed_everything: 0\\n', 'fit', None))")
+    for trial in range(5):  # 5 trials of 12 starts at once
+        cwd = tmp_path / str(trial)
+        cwd.mkdir()
+        starts = [subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(12)]
+        outputs = [start.communicate(timeout=scaled_timeout(60)) for start in starts]
+        assert all(start.returncode == 0 for start in starts), [err[-1500:] for _, err in outputs]
+        folders = [out.strip() for out, _ in outputs]
+        assert len(set(folders)) == 12
+        assert all((cwd / folder / "run.yaml").read_text() == "seed_everything: 0\n" for folder in folders)
+
+
+def test_a_failed_start_leaves_no_folder_and_evaluation_logs_apart_from_the_fits(tmp_path):
+    for bad in (["--data.init_args.num_nodes", "5"],  # refused by the data module
+                ["--trainer.check_val_every_n_epoch", "0"]):  # refused before the data
+        failed = run_py(tmp_path, "fit", "--config", CONFIG, *bad, *QUIET)
+        assert failed.returncode != 0
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), failed.stderr[-1500:]
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", *QUIET)
+    run = tmp_path / "runs" / "synthetic"  # not synthetic-3: the failed starts left no folder behind
+    train_py(tmp_path, "test", "--config", CONFIG, *QUIET)
+    failed = run_py(tmp_path, "test", "--config", CONFIG, "--data.init_args.num_nodes", "5", *QUIET)
+    assert failed.returncode != 0
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("**/metrics.csv")) == [
+        "eval/test/version_0/metrics.csv", "logs/version_0/metrics.csv"]  # the failed test left no log folder
+    assert sorted(logged_epochs(run)) == [0, 1] and "test/acc" in (run / "eval" / "test" / "version_0" /
+                                                                  "metrics.csv").read_text()
