@@ -65,6 +65,7 @@ class DIFFormerCLI(LightningCLI):
         trainer = config.trainer
         if self.subcommand == "fit":
             check_validation_schedule(trainer.check_val_every_n_epoch, trainer.max_epochs, trainer.limit_val_batches)
+            early_stopping_at_validation_end(trainer.callbacks)
         for key, value in getattr(self, "_explicit_optimizer", {}).items():
             config.model.init_args[key] = value
         if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
@@ -144,6 +145,27 @@ def check_validation_schedule(every_n_epochs, max_epochs, limit_val_batches) -> 
     if max_epochs is not None and max_epochs >= 0 and every_n_epochs > max_epochs and limit_val_batches != 0:
         rank_zero_warn(f"--trainer.check_val_every_n_epoch {every_n_epochs} is above --trainer.max_epochs {max_epochs}: "
                        f"this fit never validates, so it writes no best.ckpt and test@best_val stays NaN; lower it")
+
+
+def early_stopping_at_validation_end(callbacks) -> None:
+    """Lightning's ``EarlyStopping`` (or a subclass) without ``check_on_train_epoch_end`` gets ``False``: it then
+    decides after each validation, when the monitored metric is logged. Its default (``None``: at the training
+    epoch's end when validating every epoch) makes a fit resumed from an epoch-end checkpoint stop with
+    "Early stopping conditioned on metric ... which is not available" (Lightning ends the restored epoch
+    without its validation); an uninterrupted run stops at the same epoch either way."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for callback in callbacks if isinstance(callbacks, (list, tuple)) else [callbacks] if callbacks else []:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        if not class_path:
+            continue
+        try:
+            is_early_stopping = issubclass(_import(class_path), EarlyStopping)
+        except (ImportError, AttributeError, ValueError):
+            continue  # reported by LightningCLI when it builds the callback
+        if is_early_stopping and callback.get("init_args") is not None \
+                and callback.init_args.get("check_on_train_epoch_end") is None:
+            callback.init_args["check_on_train_epoch_end"] = False
 
 
 def check_devices(accelerator, devices) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from difformer_lightning.contracts import SPLITS
 
-from .base import DatasetNotFoundError
+from .base import DAMAGED_FILE_ERRORS, DatasetNotFoundError
 from .csr import write_csr
 from .partition import RandomPartitionDataModule
 from .store import StoreWriter, write_nodes
@@ -52,8 +52,38 @@ def _download(name: str, meta: dict, root: Path) -> None:
 
 
 def _csv_chunks(path: Path, rows: int, dtype) -> Iterator[np.ndarray]:
-    for frame in pd.read_csv(path, compression="gzip", header=None, chunksize=rows):
-        yield frame.to_numpy(dtype=dtype)
+    """The rows of one of OGB's ``.csv.gz`` files, ``rows`` at a time, as ``dtype``. A file cut short or damaged,
+    a line with another number of fields, or a value that is not a number raises a ``ValueError`` naming the
+    file (and the line and value where there is one) and what to do, not pandas' or gzip's own error."""
+    advice = (f"fix the file, or delete {path.parent.parent} so that OGB's archive is downloaded and "
+              f"extracted again")
+    start = 0
+    try:
+        for frame in pd.read_csv(path, compression="gzip", header=None, chunksize=rows):
+            try:
+                values = frame.to_numpy(dtype=dtype)
+            except (ValueError, TypeError):
+                numbers = frame.apply(pd.to_numeric, errors="coerce")
+                row, column = np.argwhere((numbers.isna() & frame.notna()).to_numpy())[0]
+                raise ValueError(f"{path}, line {start + row + 1}, column {column + 1}: "
+                                 f"{frame.iat[row, column]!r} is not a number; OGB's raw files hold numbers "
+                                 f"only: {advice}") from None
+            yield values
+            start += len(frame)
+    except DAMAGED_FILE_ERRORS + (OSError,) as error:
+        if isinstance(error, FileNotFoundError):
+            raise DatasetNotFoundError(f"OGB raw file {path} is missing: {advice}") from error
+        read = f" (its first {start:,} lines were read)" if start else ""
+        raise ValueError(f"{path} is cut short or damaged ({type(error).__name__}: {error}){read}: {advice}") \
+            from error
+    except pd.errors.ParserError as error:  # its message names the line: "Expected 2 fields in line 7, saw 3"
+        raise ValueError(f"{path}: {error}: {advice}") from error
+
+
+def _csv_column(path: Path, dtype) -> np.ndarray:
+    """The first column of a small OGB ``.csv.gz`` (a split, the node count), checked as :func:`_csv_chunks`."""
+    chunks = [chunk[:, 0] for chunk in _csv_chunks(path, 1 << 22, dtype)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
 
 
 def _npz_header(stream) -> Tuple[Tuple[int, ...], np.dtype]:
@@ -101,7 +131,7 @@ class _Raw:
                 self.num_nodes = int(bundle["num_nodes_list"][0])
             self.num_edges = _npz_shape(self.raw / "data.npz", "edge_index")[1]
         else:
-            self.num_nodes = int(pd.read_csv(self.raw / "num-node-list.csv.gz", header=None)[0][0])
+            self.num_nodes = int(_csv_column(self.raw / "num-node-list.csv.gz", np.int64)[0])
 
     def edges(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """(source, target) chunks as OGB stores them (each undirected edge once where it adds inverses)."""
@@ -144,7 +174,7 @@ class _Raw:
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
             raise DatasetNotFoundError(f"OGB split files missing: {', '.join(missing)}")
-        return {name: pd.read_csv(f, header=None)[0].to_numpy(np.int64) for name, f in files.items()}
+        return {name: _csv_column(f, np.int64) for name, f in files.items()}
 
 
 def _mean_incoming_edge_features(raw: _Raw) -> np.ndarray:

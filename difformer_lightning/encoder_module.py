@@ -228,10 +228,17 @@ class EncoderModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the weights: a mismatch is reported by name, not as a
         # size-mismatch traceback; the dropout random state comes back only when resuming a fit.
-        # Buffers added after a checkpoint was written: their initial values, not a size mismatch.
-        for name in ("best_step", "train_loss_epoch", *self.per_rank_state):
-            if name in self.state_dict():
-                checkpoint.get("state_dict", {}).setdefault(name, self.state_dict()[name].clone())
+        # Buffers (not parameters) the checkpoint lacks, as one written before they existed or by a tool that kept
+        # the weights only: their initial values, said once, not Lightning's "Missing key(s)" traceback.
+        saved, parameters = checkpoint.setdefault("state_dict", {}), dict(self.named_parameters())
+        missing = [name for name in self.state_dict() if name not in parameters and name not in saved]
+        if saved and missing:
+            for name in missing:
+                saved[name] = self.state_dict()[name].clone()
+            selection = [name for name in missing if name in ("best_val", "test_at_best_val", "best_step")]
+            rank_zero_info(f"the checkpoint has no {', '.join(missing)} (written by an earlier version, or weights "
+                           f"only): they start from their initial values"
+                           + ("; model selection (test@best_val) starts afresh" if selection else ""))
         datamodule = self._datamodule()
         fitting = self._trainer_function() == "fit"
         data = datamodule.describe() if datamodule is not None else None

@@ -326,3 +326,36 @@ def test_the_full_batch_demo_killed_and_resumed_logs_what_the_uninterrupted_run_
     assert logged_epochs(run_dir) == logged_epochs(tmp_path / "uninterrupted")
     expected, got = final_weights(tmp_path / "uninterrupted"), final_weights(run_dir)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_fit_with_lightnings_early_stopping_as_a_user_adds_it_resumes(tmp_path):
+    """``--trainer.callbacks+=EarlyStopping`` with its defaults: resuming from the epoch-end checkpoint stopped
+    with "Early stopping conditioned on metric `val/acc` which is not available" (train.py now has it decide
+    after each validation); the resumed run stops where an uninterrupted one does."""
+    stopping = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/acc",
+                "--trainer.callbacks.mode", "max", "--trainer.callbacks.patience", "3"]
+    whole = train(*stopping, "--trainer.max_epochs", "60", run_dir=tmp_path / "whole")
+    first = train(*stopping, "--trainer.max_epochs", "4", run_dir=tmp_path / "resumed")
+    resumed = train(*stopping, "--trainer.max_epochs", "60", "--ckpt_path", "last", run_dir=tmp_path / "resumed")
+    assert whole.returncode == first.returncode == resumed.returncode == 0, resumed.stderr[-2000:]
+    assert max(logged_epochs(tmp_path / "whole")) < 59  # it stopped early
+    assert logged_epochs(tmp_path / "resumed") == logged_epochs(tmp_path / "whole")
+
+
+def test_a_checkpoint_without_the_modules_buffers_is_evaluated_and_resumed(tmp_path):
+    synthetic = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.enable_progress_bar", "false"]
+    fitted = train(*synthetic, "--trainer.max_epochs", "2", run_dir=tmp_path / "run")
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    model = NodeClassifier.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    parameters = dict(model.named_parameters())
+    checkpoint["state_dict"] = {name: value for name, value in checkpoint["state_dict"].items() if name in parameters}
+    stripped = tmp_path / "weights_only.ckpt"
+    torch.save(checkpoint, stripped)
+    for subcommand, extra in (("test", []), ("fit", ["--trainer.max_epochs", "3"])):
+        command = [sys.executable, str(ROOT / "train.py"), subcommand, *synthetic, "--ckpt_path", str(stripped), *extra,
+                   "--trainer.default_root_dir", str(tmp_path / subcommand)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(40))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "the checkpoint has no best_val, test_at_best_val, best_step" in done.stdout + done.stderr

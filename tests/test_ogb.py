@@ -102,3 +102,39 @@ def test_missing_ogb_data_without_network(tmp_path, monkeypatch):
         write_store_from_ogb("ogbn-arxiv", tmp_path / "store", root=tmp_path / "ogbn_arxiv")
     with pytest.raises(ValueError, match="unknown OGB node dataset 'ogbn-arxive'"):
         write_store_from_ogb("ogbn-arxive", tmp_path / "store")
+
+
+def write_tiny_csv_dataset(root):
+    """A 5-node dataset in OGB's CSV layout (ogbn-arxiv's meta: directed edges, 40 classes, the 'time' split)."""
+    write_csv(root / "raw" / "edge.csv.gz", np.array([[0, 1], [1, 2], [2, 3], [3, 4]]))
+    write_csv(root / "raw" / "num-node-list.csv.gz", np.array([5]))
+    write_csv(root / "raw" / "node-feat.csv.gz", np.arange(10, dtype=float).reshape(5, 2))
+    write_csv(root / "raw" / "node-label.csv.gz", np.array([[1], [2], [3], [0], [1]]))
+    write_splits(root, "time", {"train": [0, 1], "valid": [2], "test": [3, 4]})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "edge.csv.gz is cut short or damaged (EOFError"),
+    ("label", "node-label.csv.gz, line 3, column 1: 'abc' is not a number; OGB's raw files hold numbers only"),
+    ("fields", "edge.csv.gz: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"),
+    ("split", "valid.csv.gz, line 1, column 1: 'x' is not a number")])
+def test_a_damaged_ogb_raw_file_is_named_with_its_line_and_what_to_do(tmp_path, damage, message):
+    root = tmp_path / "tiny"
+    write_tiny_csv_dataset(root)
+    write_store_from_ogb("ogbn-arxiv", tmp_path / "good", root=root)  # the undamaged files convert
+    if damage == "truncate":
+        data = (root / "raw" / "edge.csv.gz").read_bytes()
+        (root / "raw" / "edge.csv.gz").write_bytes(data[:len(data) - 12])
+    elif damage == "label":
+        with gzip.open(root / "raw" / "node-label.csv.gz", "wt") as handle:
+            handle.write("1\n2\nabc\n0\n1\n")
+    elif damage == "fields":
+        with gzip.open(root / "raw" / "edge.csv.gz", "wt") as handle:
+            handle.write("0,1\n1,2\n2,3,9\n3,4\n")
+    else:
+        with gzip.open(root / "split" / "time" / "valid.csv.gz", "wt") as handle:
+            handle.write("x\n")
+    with pytest.raises(ValueError) as raised:
+        write_store_from_ogb("ogbn-arxiv", tmp_path / "store", root=root)
+    assert message in str(raised.value) and f"delete {root}" in str(raised.value)
+    assert not (tmp_path / "store").exists()  # nothing written half
