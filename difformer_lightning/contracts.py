@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
+import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
@@ -153,3 +154,79 @@ def check_data_module(datamodule) -> None:
             f"{data_class.__module__}.{data_class.__qualname__} lacks {', '.join(missing)} of the data contract "
             f"(difformer_lightning.contracts.DataContract): define them on the class, or derive it from "
             f"datamodules.GraphDataModule, which has the defaults")
+
+
+def check_batch(batch, num_features: int, num_outputs: int, task: str, num_nodes: Optional[int], where: str) -> None:
+    """Checks one batch against the batch layout of :class:`DataContract` (a data module's first batches are
+    checked before any step: ``EncoderModule``), so that a data module of the user's own that yields wrong
+    batches is told what is wrong instead of failing deep in the encoder or training on nonsense.
+
+    Raises a ``TypeError`` when ``batch`` is not a PyG ``Data``, else a ``ValueError`` naming every field that
+    is missing or has the wrong dtype or shape, and ids out of range: ``edge_index`` entries at or above the
+    batch's node count, ``n_id`` at or above ``num_nodes``, class ids at or above ``num_outputs``.
+    :class:`NodeRows` (exact evaluation) carry no features and are not checked here."""
+    if not isinstance(batch, Data):
+        raise TypeError(f"{where} is a {type(batch).__name__}, not a torch_geometric.data.Data: the data module's "
+                        f"dataloaders must yield Data batches (difformer_lightning.contracts.DataContract)")
+    if isinstance(batch, NodeRows):
+        return
+    problems: List[str] = []
+
+    def shape(tensor: Tensor) -> str:
+        return f"{str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}"
+
+    x = batch.get("x")
+    if not isinstance(x, Tensor):
+        problems.append(f"x is missing (float [B, {num_features}])")
+        size = batch.num_nodes
+    else:
+        size = x.size(0) if x.dim() >= 1 else 0
+        if not x.is_floating_point() or x.dim() != 2 or x.size(1) != num_features:
+            problems.append(f"x is {shape(x)}, not float [B, {num_features}] (num_features: {num_features})")
+    y = batch.get("y")
+    wanted = {"multiclass": "integer class ids [B]", "multilabel": f"{{0, 1}} [B, {num_outputs}]",
+              "regression": "float [B]"}[task]
+    if not isinstance(y, Tensor):
+        problems.append(f"y is missing ({wanted})")
+    elif task == "multiclass" and (y.is_floating_point() or y.shape != (size,)):
+        problems.append(f"y is {shape(y)}, not {wanted}")
+    elif task == "multiclass" and y.numel() and int(y.max()) >= num_outputs:
+        problems.append(f"y holds class {int(y.max())}, but num_outputs is {num_outputs} (classes 0 .. "
+                        f"{num_outputs - 1}; -1 marks an unlabelled node)")
+    elif task == "multilabel" and y.shape != (size, num_outputs):
+        problems.append(f"y is {shape(y)}, not {wanted}")
+    elif task == "regression" and (not y.is_floating_point() or y.shape != (size,)):
+        problems.append(f"y is {shape(y)}, not {wanted}")
+    if task != "regression":
+        for split in SPLITS:
+            mask = batch.get(f"{split}_mask")
+            if not isinstance(mask, Tensor):
+                problems.append(f"{split}_mask is missing (bool [B]: the nodes the {split} split scores)")
+            elif mask.dtype != torch.bool or mask.shape != (size,):
+                problems.append(f"{split}_mask is {shape(mask)}, not bool [{size}]")
+    edge_index = batch.get("edge_index")
+    if edge_index is not None:
+        if not isinstance(edge_index, Tensor) or edge_index.is_floating_point() or edge_index.dim() != 2 \
+                or edge_index.size(0) != 2:
+            problems.append(f"edge_index is {shape(edge_index) if isinstance(edge_index, Tensor) else edge_index!r}, "
+                            f"not integer [2, E]")
+        elif edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= size):
+            problems.append(f"edge_index holds node {int(edge_index.max())} (or a negative one) in a batch of "
+                            f"{size} nodes: its entries are positions in the batch, 0 .. {size - 1}")
+        weight = batch.get("edge_weight")
+        if isinstance(edge_index, Tensor) and isinstance(weight, Tensor) and edge_index.dim() == 2 \
+                and weight.shape != (edge_index.size(-1),):
+            problems.append(f"edge_weight is {shape(weight)}, not [E] = [{edge_index.size(-1)}]")
+    graph = batch.get("batch")
+    if isinstance(graph, Tensor) and (graph.shape != (size,) or (graph.numel() > 1 and bool((graph[1:] < graph[:-1]).any()))):
+        problems.append(f"batch is {shape(graph)}, not sorted graph ids [{size}]")
+    n_id = batch.get("n_id")
+    if isinstance(n_id, Tensor):
+        if n_id.shape != (size,):
+            problems.append(f"n_id is {shape(n_id)}, not [{size}]")
+        elif num_nodes is not None and n_id.numel() and (int(n_id.min()) < 0 or int(n_id.max()) >= num_nodes):
+            problems.append(f"n_id holds node {int(n_id.max())} (or a negative one), but num_nodes is {num_nodes} "
+                            f"(ids 0 .. {num_nodes - 1})")
+    if problems:
+        raise ValueError(f"{where} breaks the data contract (difformer_lightning.contracts.DataContract): "
+                         + "; ".join(problems) + ". Fix the batches the data module's dataloaders yield.")

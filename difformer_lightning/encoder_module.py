@@ -12,7 +12,7 @@ from torch_geometric.data import Data
 from torchmetrics import MeanMetric
 
 from .checkpoint import check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
-from .contracts import ExactEvaluationPlan, NodeRows, check_data_module
+from .contracts import ExactEvaluationPlan, NodeRows, check_batch, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
 
@@ -74,6 +74,7 @@ class EncoderModule(pl.LightningModule):
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
         self._scratch: Optional[Scratch] = None
+        self._checked_batches: set = set()  # the stages whose first batch was checked against the contract
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder:
@@ -248,6 +249,29 @@ class EncoderModule(pl.LightningModule):
         if fitting and "rank_states" in checkpoint:
             checkpoint["state_dict"].update(rank_state_dict(checkpoint["rank_states"], self.global_rank,
                                                             self.trainer.world_size))
+
+    def _check_first_batch(self, batch, stage: str) -> None:
+        """A stage's first batch in this process, checked against the data contract before it is used."""
+        if stage in self._checked_batches:
+            return
+        self._checked_batches.add(stage)
+        datamodule = self._datamodule()
+        task = self.hparams.get("task", "regression")
+        num_nodes = datamodule.num_nodes if datamodule is not None else None
+        check_batch(batch, self.encoder.lin_in.in_features, self.encoder.lin_out.out_features, task, num_nodes,
+                    f"the first {stage} batch")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._check_first_batch(batch, "training")
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(batch, "validation")
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(batch, "test")
+
+    def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch(batch, "prediction")
 
     def on_train_epoch_start(self) -> None:
         if int(self.train_loss_epoch) != self.current_epoch:

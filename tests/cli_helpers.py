@@ -61,3 +61,37 @@ class ScratchWatcher(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == 0 and trainer.is_global_zero:
             self.out.write_text(json.dumps(sorted(path.name for path in self.scratch_dir.iterdir())))
+
+
+class BadBatches(pl.LightningDataModule):
+    """A user's data module that meets the data contract's members but yields batches that break its layout:
+    features 3 wide where it says 4, no train_mask (tests/test_contracts.py)."""
+
+    num_features, num_outputs, task, metric, num_nodes, max_batch_nodes = 4, 2, "multiclass", "accuracy", 10, 10
+
+    @property
+    def prediction_nodes(self):
+        return None
+
+    def describe(self):
+        return {"dataset": "BadBatches", "num_nodes": 10, "num_features": 4, "num_classes": 2}
+
+    def probe_batch(self, num_nodes, seed=0):
+        return self._batch()
+
+    def evaluation_plan(self, encoder):
+        return None
+
+    def _batch(self):
+        import torch
+        from torch_geometric.data import Data
+        mask = torch.ones(10, dtype=torch.bool)
+        return Data(x=torch.randn(10, 3), y=torch.zeros(10, dtype=torch.long), val_mask=mask, test_mask=mask,
+                    edge_index=torch.tensor([[0, 1], [1, 12]]))
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+        return DataLoader([self._batch()], batch_size=None, collate_fn=lambda batch: batch)
+
+    def val_dataloader(self):
+        return self.train_dataloader()

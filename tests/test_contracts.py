@@ -1,5 +1,6 @@
 """The data contract, the loader's own resume state, one CSBM generator, one atomic-write helper."""
 import os
+import re
 import subprocess
 import sys
 
@@ -112,3 +113,40 @@ def test_atomic_writes_leave_the_old_file_or_the_new_and_clean_a_dead_writers_le
     staging.write_text("new")
     publish(staging, path)
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_a_user_data_modules_bad_first_batch_is_named_before_any_step(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
+                             "--data", "cli_helpers.BadBatches", "--trainer.default_root_dir", str(tmp_path / "run"),
+                             "--trainer.enable_progress_bar", "false"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, capture_output=True,
+                            text=True, timeout=scaled_timeout(40))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: the first validation batch breaks the data contract"), result.stderr[-2000:]
+    for problem in ("x is float32 [10, 3], not float [B, 4] (num_features: 4)",
+                    "train_mask is missing (bool [B]: the nodes the train split scores)",
+                    "edge_index holds node 12 (or a negative one) in a batch of 10 nodes"):
+        assert problem in last, last
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_check_batch_against_hand_made_batches():
+    from torch_geometric.data import Data
+    from difformer_lightning.contracts import check_batch
+    mask = torch.ones(4, dtype=torch.bool)
+    good = Data(x=torch.randn(4, 3), y=torch.tensor([0, 1, 2, -1]), train_mask=mask, val_mask=mask, test_mask=mask,
+                edge_index=torch.tensor([[0, 3], [1, 2]]), n_id=torch.tensor([7, 1, 0, 9]), batch=torch.tensor([0, 0, 1, 1]))
+    check_batch(good, 3, 3, "multiclass", 10, "a batch")
+    for change, message in (({"y": torch.tensor([0, 1, 3, 0])}, "y holds class 3, but num_outputs is 3"),
+                            ({"n_id": torch.tensor([7, 1, 0, 10])}, "n_id holds node 10 (or a negative one), but "
+                                                                     "num_nodes is 10"),
+                            ({"batch": torch.tensor([1, 0, 1, 1])}, "batch is int64 [4], not sorted graph ids [4]"),
+                            ({"val_mask": torch.ones(4)}, "val_mask is float32 [4], not bool [4]"),
+                            ({"y": torch.zeros(4, 2)}, "y is float32 [4, 2], not integer class ids [B]")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_batch(Data(**{**good.to_dict(), **change}), 3, 3, "multiclass", 10, "a batch")
+    with pytest.raises(TypeError, match="is a dict, not a torch_geometric.data.Data"):
+        check_batch({"x": 1}, 3, 3, "multiclass", 10, "a batch")
+    regression = Data(x=torch.randn(4, 3), y=torch.randn(4))
+    check_batch(regression, 3, 1, "regression", None, "a batch")  # no masks needed
