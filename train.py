@@ -114,6 +114,15 @@ class DIFFormerCLI(LightningCLI):
             check_checkpoint_content(torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True),
                                      ckpt_path)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reason = union_error_reason(str(error))
+            if reason is None:
+                raise
+            raise ValueError(reason) from None
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the run's Checkpoint (unless ``--trainer.enable_checkpointing false``) and
         atomic checkpoint files (unless a checkpoint IO plugin was configured)."""
@@ -131,6 +140,21 @@ class DIFFormerCLI(LightningCLI):
 
     def after_fit(self) -> None:
         rank_zero_info(self.model.selection_summary())
+
+
+def union_error_reason(message: str) -> Optional[str]:
+    """The reason inside jsonargparse's "Does not validate against any of the Union subtypes" error (what it
+    raises when a data module or model given as ``class_path`` refuses its arguments), as
+    ``"<class path>: <the class's own message>"``; ``None`` for another message. jsonargparse lists every
+    member of the Union it tried (``LightningDataModule``, ``NoneType``) and the value as a Namespace; the
+    class's own error is the first listed."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return None
+    reason = re.search(r"Errors:\s*\n\s*- (.+)", message)
+    if reason is None:
+        return None
+    class_path = re.search(r"class_path='([^']+)'", message)
+    return f"{class_path.group(1) + ': ' if class_path else ''}{reason.group(1).strip()}"
 
 
 def check_validation_schedule(every_n_epochs, max_epochs, limit_val_batches) -> None:

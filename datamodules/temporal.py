@@ -192,7 +192,7 @@ class TemporalDataModule(GraphDataModule):
             raise ValueError(f"snapshots_per_batch must be an integer >= 1 or 'all' (one batch a split), got "
                              f"{snapshots_per_batch!r}")
         check_edge_weight_transform(edge_weight_transform)
-        self.name, self.lags = name, lags or DEFAULT_LAGS.get(name, 4)
+        self.name, self.lags = name, lags if lags is not None else DEFAULT_LAGS.get(name, 4)
         self.snapshots_per_batch, self.edge_weight_transform = snapshots_per_batch, edge_weight_transform
         self.path = data_root(root) / "temporal" / f"{name}.json"
         self._splits: Optional[Dict[str, List[Data]]] = None

@@ -337,3 +337,19 @@ def test_truncated_raw_files_are_named_with_their_folder_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="HeterophilousGraphDataset\\(Minesweeper\\): a raw file under .* is cut short "
                                          "or damaged \\(BadZipFile"):
         PyGDataModule("HeterophilousGraphDataset", "Minesweeper", root=str(tmp_path)).data
+
+
+def test_a_data_module_refusing_its_arguments_is_reported_by_its_own_words_on_the_command_line(tmp_path):
+    """jsonargparse wraps a data module's ValueError in a list of every Union member it tried; train.py says the
+    module's own reason. A lags of 0 is refused, not replaced by the default."""
+    from datamodules import TemporalDataModule
+    from train import main
+    with pytest.raises(ValueError) as raised:
+        main(["fit", "--config", str(ROOT / "configs" / "chickenpox_s.yaml"), "--data.init_args.snapshots_per_batch",
+              "0", "--trainer.default_root_dir", str(tmp_path)], save_config_callback=None)
+    assert str(raised.value) == ("datamodules.TemporalDataModule: snapshots_per_batch must be an integer >= 1 or 'all' "
+                                 "(one batch a split), got 0")
+    assert list(tmp_path.iterdir()) == []
+    assert TemporalDataModule("chickenpox", lags=0).lags == 0  # refused when the series is read (lags in [1, T-1])
+    with pytest.raises(ValueError, match=r"lags must be in \[1, 4\] \(the series has 5 time steps\), got 0"):
+        snapshots_from_json({"edges": [[0, 1]], "edge_weights": [1.0], "FX": [[1.0, 2.0]] * 5}, 0)
