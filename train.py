@@ -18,6 +18,7 @@ file chooses another. ``predict`` writes ``predictions/logits.npy`` (``--predict
 adds ``embeddings.npy``; :class:`callbacks.PredictionWriter`).
 """
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -68,6 +69,7 @@ class DIFFormerCLI(LightningCLI):
             early_stopping_at_validation_end(trainer.callbacks)
         for key, value in getattr(self, "_explicit_optimizer", {}).items():
             config.model.init_args[key] = value
+        one_learning_rate(config, getattr(self, "_given", []))
         if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
             name = Path(str(config.config[-1])).stem if config.get("config") else "run"
             trainer.default_root_dir = str(run_folder(Path(RUNS) / name, run_settings(config), self.subcommand,
@@ -98,6 +100,7 @@ class DIFFormerCLI(LightningCLI):
         # optimiser settings given on this command line (a lower --model.lr after a divergence) win again in
         # before_instantiate_classes.
         given = [str(arg).split("=", 1)[0] for arg in (args if args is not None else sys.argv[1:])]
+        self._given = given
         subcommand = self.config.get("subcommand")
         self._explicit_optimizer = {}
         if subcommand:
@@ -140,6 +143,47 @@ class DIFFormerCLI(LightningCLI):
 
     def after_fit(self) -> None:
         rank_zero_info(self.model.selection_summary())
+
+
+def one_learning_rate(config, given: List[str]) -> None:
+    """One value of the learning rate and weight decay: the model's ``lr``/``weight_decay`` and those of an
+    optimiser named with LightningCLI's ``--optimizer`` (which then replaces the model's Adam) are made equal.
+
+    An optimiser's value set on the command line or in the config (one that differs from its class's default)
+    wins and becomes the model's (so checkpoints, run folders and the resume rule see what trains); one left at
+    its class's default takes the model's (the preset's lr, not AdamW's 0.001). Both set to different values:
+    a ``ValueError`` naming both. ``--lr_scheduler`` without ``--optimizer`` schedules the model's own Adam
+    (LightningCLI alone would ignore it)."""
+    from jsonargparse import Namespace
+
+    model = config.model.get("init_args")
+    optimizer = config.get("optimizer")
+    if model is None or not all(key in model for key in OPTIMIZER_OPTIONS):
+        return  # a model of the user's own without these options: LightningCLI's behaviour as it is
+    if optimizer is None:
+        if config.get("lr_scheduler") is not None:
+            config.optimizer = Namespace(class_path="torch.optim.Adam",
+                                         init_args=Namespace(lr=model.lr, weight_decay=model.weight_decay))
+        return
+    arguments = optimizer.get("init_args") or Namespace()
+    try:
+        defaults = inspect.signature(_import(optimizer.class_path)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        defaults = {}
+    for key in sorted(OPTIMIZER_OPTIONS):
+        if key not in arguments:
+            continue
+        default = defaults[key].default if key in defaults else inspect.Parameter.empty
+        optimizer_set = f"--optimizer.{key}" in given or f"--optimizer.init_args.{key}" in given \
+            or arguments[key] != default
+        model_set = f"--model.{key}" in given or f"--model.init_args.{key}" in given
+        if optimizer_set and model_set and arguments[key] != model[key]:
+            raise ValueError(f"--model.{key} {model[key]} and --optimizer.{key} {arguments[key]} disagree: give the "
+                             f"{key} once (--optimizer.{key} when naming an optimiser)")
+        if optimizer_set and not model_set:
+            model[key] = arguments[key]
+        else:
+            arguments[key] = model[key]
 
 
 def union_error_reason(message: str) -> Optional[str]:
@@ -224,8 +268,9 @@ LOCAL_SETTINGS = {"data.root", "data.num_workers", "data.scratch_dir", "data.sto
 
 
 def run_settings(config) -> str:
-    """What defines a run (model, data, seed; not the Trainer's options such as max_epochs), as YAML."""
-    settings = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+    """What defines a run (model, data, seed, a named optimiser and schedule; not the Trainer's options such as
+    max_epochs), as YAML."""
+    settings = {key: config.get(key) for key in ("model", "data", "seed_everything", "optimizer", "lr_scheduler")}
     as_dicts = {key: value.as_dict() if hasattr(value, "as_dict") else value for key, value in settings.items()}
     return yaml.safe_dump(as_dicts, sort_keys=True)
 
@@ -247,8 +292,10 @@ def _flat_settings(settings: str) -> dict:
 def settings_differences(saved: str, current: str) -> List[str]:
     """``run.yaml`` texts compared: ``"model.lr: 0.005 there, 0.01 here"`` for every setting that defines a run
     (all but :data:`LOCAL_SETTINGS`) and differs."""
-    before, now = _flat_settings(saved), _flat_settings(current)
     unset = "<not set>"
+    # a setting that is None is the same as one not written (run.yaml of an earlier version lacks newer keys)
+    before, now = ({key: value for key, value in _flat_settings(text).items() if value is not None}
+                   for text in (saved, current))
     return [f"{key}: {before.get(key, unset)!r} there, {now.get(key, unset)!r} here"
             for key in sorted(before.keys() | now.keys())
             if key not in LOCAL_SETTINGS and before.get(key, unset) != now.get(key, unset)]
@@ -443,7 +490,8 @@ def quiet_lightning() -> None:
     fix belongs to them; nothing a user of this project can act on)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
-    for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"(?s).*skip_none parameter was deprecated",
+    for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                    r"`\w+\.configure_optimizers` will be overridden by",  # --optimizer: what it is for (README) r"(?s).*skip_none parameter was deprecated",
                     r"(?s).*``instantiate_classes`` was deprecated", r"(?s).*By default only one JsonargparseDeprecation"):
         warnings.filterwarnings("ignore", message=message)
 

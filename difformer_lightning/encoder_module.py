@@ -11,7 +11,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torchmetrics import MeanMetric
 
-from .checkpoint import check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
+from .checkpoint import OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
 from .contracts import ExactEvaluationPlan, NodeRows, check_batch, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
@@ -74,7 +74,8 @@ class EncoderModule(pl.LightningModule):
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
         self._scratch: Optional[Scratch] = None
-        self._checked_batches: set = set()  # the stages whose first batch was checked against the contract
+        self._checked_batches: set = set()
+        self._restored_optimizer_options: Optional[Dict[str, float]] = None  # the checkpoint's lr, weight decay  # the stages whose first batch was checked against the contract
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder:
@@ -244,6 +245,9 @@ class EncoderModule(pl.LightningModule):
         fitting = self._trainer_function() == "fit"
         data = datamodule.describe() if datamodule is not None else None
         check_compatible(checkpoint, self.hparams, self.state_dict(), data, fitting)
+        if fitting and "optimizer_states" in checkpoint:
+            self._restored_optimizer_options = {key: checkpoint.get("hyper_parameters", {}).get(key)
+                                                for key in OPTIMIZER_OPTIONS}
         if fitting and "rng_states" in checkpoint:
             restore_rng_state(checkpoint["rng_states"], self.global_rank, self.device)
         if fitting and "rank_states" in checkpoint:
@@ -285,14 +289,31 @@ class EncoderModule(pl.LightningModule):
         self.log(name, self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_train_start(self) -> None:
-        # A resumed fit restores the optimiser's state, its learning rate and weight decay included; the
-        # run's own settings win (a lower learning rate after a divergence), and the change is said.
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                for key in ("lr", "weight_decay"):
-                    if group[key] != self.hparams[key]:
-                        rank_zero_info(f"optimizer {key}: {group[key]} (restored) -> {self.hparams[key]} (this run)")
-                        group[key] = self.hparams[key]
+        # A resumed fit restores the optimiser's state, its learning rate and weight decay included (as a
+        # schedule left them). Where this run sets another lr or weight decay than the checkpoint's run did (a
+        # lower learning rate after a divergence), the run's own wins, and the change is said; otherwise the
+        # restored state is left as it is, so a schedule resumes exactly. A fresh fit restored nothing.
+        restored, self._restored_optimizer_options = self._restored_optimizer_options, None
+        if restored is None:
+            return
+        for key, before in restored.items():
+            now = self.hparams.get(key)
+            if before is None or now is None or before == now:
+                continue
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if key in group:
+                        rank_zero_info(f"optimizer {key}: {group[key]} (restored from the checkpoint) -> {now} "
+                                       f"(this run)")
+                        group[key] = now
+                        if key == "lr" and "initial_lr" in group:  # a schedule's base learning rate too
+                            group["initial_lr"] = now
+            for config in self.trainer.lr_scheduler_configs:
+                if key == "lr" and hasattr(config.scheduler, "base_lrs"):
+                    config.scheduler.base_lrs = [now] * len(config.scheduler.base_lrs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The reference's optimiser: Adam with coupled weight decay, at ``lr`` and ``weight_decay``. ``train.py``
+        replaces it with the one named by ``--optimizer`` (and ``--lr_scheduler``), LightningCLI's forms, whose
+        lr and weight decay are then this module's ``lr`` and ``weight_decay`` (one value each)."""
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

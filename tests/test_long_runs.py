@@ -359,3 +359,31 @@ def test_a_checkpoint_without_the_modules_buffers_is_evaluated_and_resumed(tmp_p
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(40))
         assert done.returncode == 0, done.stderr[-2000:]
         assert "the checkpoint has no best_val, test_at_best_val, best_step" in done.stdout + done.stderr
+
+
+def test_a_named_optimiser_trains_with_its_own_values_and_a_schedule_resumes_exactly(tmp_path):
+    synthetic = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.enable_progress_bar", "false"]
+    adamw = train(*synthetic, "--trainer.max_epochs", "1", "--optimizer", "AdamW", "--optimizer.lr", "0.005",
+                  "--optimizer.weight_decay", "0.02", run_dir=tmp_path / "adamw")
+    assert adamw.returncode == 0, adamw.stderr[-2000:]
+    assert "restored" not in adamw.stdout + adamw.stderr  # a fresh run restored nothing
+    saved = torch.load(tmp_path / "adamw" / "checkpoints" / "last.ckpt", weights_only=False)
+    group = saved["optimizer_states"][0]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"], group["decoupled_weight_decay"]) == (0.005, 0.02, True)
+    assert (saved["hyper_parameters"]["lr"], saved["hyper_parameters"]["weight_decay"]) == (0.005, 0.02)
+    conflict = train(*synthetic, "--optimizer", "AdamW", "--optimizer.lr", "0.005", "--model.lr", "0.01",
+                     run_dir=tmp_path / "conflict")
+    assert conflict.returncode != 0 and "--model.lr 0.01 and --optimizer.lr 0.005 disagree" in conflict.stderr
+
+    # the model's own Adam under a schedule (LightningCLI alone ignores --lr_scheduler without --optimizer)
+    schedule = [*synthetic, "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "2", "--lr_scheduler.gamma", "0.5"]
+    whole = train(*schedule, "--trainer.max_epochs", "6", run_dir=tmp_path / "whole")
+    first = train(*schedule, "--trainer.max_epochs", "3", run_dir=tmp_path / "resumed")
+    resumed = train(*schedule, "--trainer.max_epochs", "6", "--ckpt_path", "last", run_dir=tmp_path / "resumed")
+    assert whole.returncode == first.returncode == resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "restored from the checkpoint" not in resumed.stdout + resumed.stderr  # nothing changed
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.5 ** 3)
+    assert logged_epochs(tmp_path / "resumed") == logged_epochs(tmp_path / "whole")
+    expected = final_weights(tmp_path / "whole")
+    assert all(torch.equal(expected[name], final["state_dict"][name]) for name in expected)
