@@ -6,10 +6,12 @@ import yaml
 
 from conftest import ROOT
 
-# conda package names that differ from their PyPI names
-CONDA_TO_PYPI = {"pytorch": "torch", "pyg": "torch-geometric"}
-# conda-only plumbing with no PyPI counterpart in pyproject
-CONDA_ONLY = {"python", "pip", "pytorch-cuda"}
+# conda-forge package names that differ from their PyPI names
+CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-geometric": "torch-geometric"}
+# conda-only plumbing with no PyPI counterpart in pyproject (pytorch-gpu: conda-forge's CUDA build selector)
+CONDA_ONLY = {"python", "pip", "pytorch-gpu"}
+# optional extras with no conda-forge package (environment.yml says where to get them)
+NOT_ON_CONDA_FORGE = {"pyg-lib"}
 
 
 def name_of(requirement: str) -> str:
@@ -21,7 +23,10 @@ def test_environment_and_pyproject_agree():
     pip_names = {name_of(r) for r in project["dependencies"]}
     for extra in project["optional-dependencies"].values():
         pip_names |= {name_of(r) for r in extra}
+    pip_names -= NOT_ON_CONDA_FORGE
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    # PyTorch stopped publishing to its pytorch and nvidia channels: conda-forge alone resolves today
+    assert environment["channels"] == ["conda-forge"]
     conda_names = set()
     for entry in environment["dependencies"]:
         if isinstance(entry, dict):
