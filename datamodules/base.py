@@ -60,7 +60,8 @@ class GraphDataModule(pl.LightningDataModule):
 
     Subclasses define ``num_features``, ``num_outputs``, ``task``, ``num_nodes``, ``max_batch_nodes``,
     ``describe()`` and ``probe_batch()``; ``evaluation_plan()`` defaults to evaluation on the batches, and
-    ``state_dict()`` saves ``describe()`` (what a checkpoint is checked against). ``task_family``
+    the LightningModule saves ``describe()`` in the checkpoint's ``data_description`` slot (what a checkpoint is
+    checked against, field by field). ``task_family``
     (``'classification'`` or ``'regression'``, a class attribute) lets ``train.py`` pick the model before
     any data is loaded. A DDP rank may get no evaluation batch: it still joins every collective.
     """
@@ -101,9 +102,6 @@ class GraphDataModule(pl.LightningDataModule):
         """Evaluation on the data module's own batches (no exact pass), unless a subclass says otherwise."""
         return None
 
-    def state_dict(self) -> Dict[str, object]:
-        # "data" is what the LightningModules compare when they load a checkpoint (checkpoint.check_compatible)
-        return {"data": self.describe()}
 
 
 class ClassificationTargets:

@@ -99,12 +99,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-# What a data module's describe() must match for saved weights to apply at all, and what must
-# also match to continue a fit exactly (how the batches are drawn).
-DATA_IDENTITY = ("dataset", "num_nodes", "num_edges", "num_features", "num_classes")
-# Also identity, recorded only by later versions (temporal data: the split's sizes, the weights'
-# transform): compared when the checkpoint has them.
-DATA_IDENTITY_RECORDED = ("num_snapshots", "split", "edge_weight_transform")
+# The checkpoint's slot for the data module's describe() (contracts.DataDescription): what the data must match.
+DATA_SLOT = "data_description"
+# Fields of the description that say how batches are drawn: they must match to continue a fit exactly, not to
+# evaluate saved weights. Every other field is the data's identity and must match always.
 DATA_TRAINING = ("batch_size", "seed", "fanout")
 # Model arguments that do not change results: a checkpoint resumes whatever they were.
 RUNTIME_OPTIONS = {"_instantiator", "compile_encoder", "encoder.sigmoid_block_bytes"}  # (a memory budget)
@@ -139,15 +137,27 @@ def check_compatible(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
             "config.yaml saved beside its logs), or start a new run in another --trainer.default_root_dir.")
 
 
+def saved_data_description(checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The data description a checkpoint holds: its :data:`DATA_SLOT`, or, in a checkpoint of 0.1.0 (which kept it
+    in the data module's state), the ``"data"`` entry of the state Lightning saved under the data module's class
+    name; ``None`` without one."""
+    if isinstance(checkpoint.get(DATA_SLOT), Mapping):
+        return checkpoint[DATA_SLOT]
+    return next((state["data"] for state in checkpoint.values()
+                 if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping)), None)
+
+
 def _data_differences(checkpoint: Mapping[str, Any], data: Optional[Mapping[str, Any]], fitting: bool) -> List[str]:
-    saved = next((state["data"] for state in checkpoint.values()
-                  if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping)), None)
+    """Every field of the data description that differs (how batches are drawn only when ``fitting``); a field
+    the checkpoint did not record (written before it existed) is not compared."""
+    saved = saved_data_description(checkpoint)
     if data is None or saved is None:
         return []
-    keys = DATA_IDENTITY + tuple(key for key in DATA_IDENTITY_RECORDED if key in saved) + (
-        DATA_TRAINING if fitting else ())
-    return [f"data.{key}: checkpoint {saved.get(key)!r}, this run {data.get(key)!r}"
-            for key in keys if saved.get(key) != data.get(key)]
+    unset = "<not recorded>"
+    keys = [key for key in list(saved) + [key for key in data if key not in saved]
+            if key in saved and (fitting or key not in DATA_TRAINING)]
+    return [f"data.{key}: checkpoint {saved.get(key)!r}, this run {data.get(key, unset)!r}"
+            for key in keys if saved.get(key) != data.get(key, unset)]
 
 
 def _hparam_differences(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], fitting: bool) -> List[str]:

@@ -14,7 +14,7 @@
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import List, Optional, Protocol, Tuple, TypedDict, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -61,6 +61,26 @@ class NodeRows(Data):
     """An evaluation batch of the exact mode: ``n_id`` ``[B]`` (node ids), ``y`` and the
     ``{train,val,test}_mask`` of those nodes; no features and no edges (the outputs come from the exact
     pass over the whole graph)."""
+
+
+class DataDescription(TypedDict, total=False):
+    """What a data module's ``describe()`` returns and a checkpoint keeps in its ``data_description`` slot; a
+    checkpoint is loaded only on data whose description equals it in every field it recorded
+    (:func:`difformer_lightning.checkpoint.check_compatible`: ``batch_size``, ``seed`` and ``fanout``, how batches
+    are drawn, only when resuming a fit). ``dataset``, ``num_nodes``, ``num_features`` and ``num_classes`` are
+    always there; data modules add what else identifies their data."""
+
+    dataset: str
+    num_nodes: int
+    num_edges: int
+    num_features: int
+    num_classes: int
+    num_snapshots: int  # temporal data: snapshots in all splits
+    split: Union[List[int], int, str]  # temporal: snapshots per split; others: which split
+    edge_weight_transform: str
+    batch_size: Union[int, str]
+    seed: int
+    fanout: int
 
 
 TASKS = ("multiclass", "multilabel", "regression")
@@ -112,9 +132,9 @@ class DataContract(Protocol):
     def max_batch_nodes(self) -> int:
         """The most nodes one forward pass sees (DIFFormer-a's memory check, before training)."""
 
-    def describe(self) -> Dict[str, object]:
-        """What a checkpoint records about the data, to refuse resuming on other data: at least
-        ``dataset``, ``num_nodes``, ``num_features`` and ``num_classes``; how batches are drawn
+    def describe(self) -> DataDescription:
+        """What a checkpoint records about the data (:class:`DataDescription`), to refuse resuming on other data:
+        at least ``dataset``, ``num_nodes``, ``num_features`` and ``num_classes``; how batches are drawn
         (``batch_size``, ``seed``, ``fanout``) where that applies."""
 
     def probe_batch(self, num_nodes: int, seed: int = 0):

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torchmetrics import MeanMetric
 
-from .checkpoint import OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
+from .checkpoint import DATA_SLOT, OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
 from .contracts import ExactEvaluationPlan, NodeRows, check_batch, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
@@ -222,6 +222,9 @@ class EncoderModule(pl.LightningModule):
         return f"best val/{self.metric_name} {float(self.best_val):.4f}, test@best_val {float(self.test_at_best_val):.4f}"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        datamodule = self._datamodule()
+        if datamodule is not None:  # what the data must match to load this checkpoint, in its own slot
+            checkpoint[DATA_SLOT] = dict(datamodule.describe())
         checkpoint["rng_states"] = gather_rng_states(self.device)
         if self.per_rank_state:
             state = self.state_dict()

@@ -387,3 +387,22 @@ def test_a_named_optimiser_trains_with_its_own_values_and_a_schedule_resumes_exa
     assert logged_epochs(tmp_path / "resumed") == logged_epochs(tmp_path / "whole")
     expected = final_weights(tmp_path / "whole")
     assert all(torch.equal(expected[name], final["state_dict"][name]) for name in expected)
+
+
+def test_the_data_description_is_a_named_slot_compared_field_by_field():
+    from difformer_lightning.checkpoint import DATA_SLOT, check_compatible
+    saved = {"dataset": "TemporalDataModule:chickenpox", "num_nodes": 20, "num_edges": 102, "num_features": 4,
+             "num_classes": 1, "num_snapshots": 516, "split": [103, 103, 310], "edge_weight_transform": "none",
+             "batch_size": 8}
+    checkpoint = {DATA_SLOT: saved, "hyper_parameters": {}}
+    check_compatible(checkpoint, {}, {}, dict(saved))
+    with pytest.raises(ValueError, match=r"data.num_snapshots: checkpoint 516, this run 517"):
+        check_compatible(checkpoint, {}, {}, {**saved, "num_snapshots": 517})
+    check_compatible(checkpoint, {}, {}, {**saved, "batch_size": 4}, fitting=False)  # evaluating: how batches are drawn does not count
+    with pytest.raises(ValueError, match=r"data.batch_size: checkpoint 8, this run 4"):
+        check_compatible(checkpoint, {}, {}, {**saved, "batch_size": 4})
+    # a checkpoint of 0.1.0 kept the description in the data module's state
+    old = {"TemporalDataModule": {"data": {k: v for k, v in saved.items() if k != "num_snapshots"}}, "hyper_parameters": {}}
+    check_compatible(old, {}, {}, {**saved, "num_snapshots": 517})  # a field it did not record is not compared
+    with pytest.raises(ValueError, match=r"data.num_nodes: checkpoint 20, this run 21"):
+        check_compatible(old, {}, {}, {**saved, "num_nodes": 21})
