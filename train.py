@@ -491,7 +491,7 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                    r"`\w+\.configure_optimizers` will be overridden by",  # --optimizer: what it is for (README)
+                    r"`\w+\.configure_optimizers` will be overridden by",  # --optimizer: what it is for (README, "Optimiser and schedule")
                     r"(?s).*skip_none parameter was deprecated",
                     r"(?s).*``instantiate_classes`` was deprecated", r"(?s).*By default only one JsonargparseDeprecation"):
         warnings.filterwarnings("ignore", message=message)

@@ -1,7 +1,7 @@
 """Run the DIFFormer authors' spatio-temporal code (qitianwu/DIFFormer, spatial-temporal/)
 on CPU for the chickenpox and covid configurations of their run.sh.
 
-The oracle behind the README's "authors' code" column (results/temporal/authors_code.json):
+The oracle behind docs/temporal.md's "authors' code" column (results/temporal/authors_code.json):
 
     git clone --bare https://github.com/qitianwu/DIFFormer /tmp/DIFFormer.git
     AUTHORS_TEMPORAL_REPO=/tmp/DIFFormer.git nice -n 10 python benchmarks/authors_temporal.py [--only chickenpox/s_graph ...]

@@ -5,7 +5,7 @@
 Writes a synthetic dataset in OGB's binary layout as OGB ships papers100M: ``raw/data.npz`` holding
 ``edge_index`` [2, E] int64 and ``node_feat`` [N, 128] float32 as *deflated* members (``np.savez_compressed``),
 ``raw/node-label.npz`` with labels on 1.4% of the nodes, ``split/time/*.csv.gz`` (111,059,956 x S nodes,
-1,615,685,872 x S edges, random ends). Then runs exactly the README's call,
+1,615,685,872 x S edges, random ends). Then runs exactly the call docs/large-graphs.md gives,
 
     write_store_from_ogb("ogbn-papers100M", out, root=root, undirected=True)
 

@@ -1,4 +1,4 @@
-"""The GPU rows of the README in one run (about 8 minutes on one machine with CUDA devices).
+"""The GPU rows of docs/performance.md and docs/large-graphs.md in one run (about 8 minutes on one machine with CUDA devices).
 
     python benchmarks/gpu_check.py --out results/gpu_check.json          # on a CUDA machine
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json   # the same steps, tiny, on the CPU

@@ -35,7 +35,7 @@ class EncoderModule(pl.LightningModule):
 
     ``compile_encoder`` compiles the encoder with ``torch.compile`` (in place, so checkpoints
     keep their parameter names). Off by default: benchmarks/step.py measured no gain on CPU
-    (README, Performance). It computes the same function (compiled dropout draws other random
+    (docs/performance.md). It computes the same function (compiled dropout draws other random
     numbers, so runs with dropout are not bitwise repeatable across the switch), and a
     checkpoint resumes with it on or off.
     """

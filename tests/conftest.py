@@ -159,7 +159,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         outcome = "failed (CI=true)" if ON_CI else "skipped"
         terminalreporter.write_line(
             f"datasets not found, tests needing them {outcome}: {', '.join(sorted(_MISSING))}. Provide them: set "
-            f"DIFFORMER_TEST_DATA to a folder laid out as shared/data (README, 'Tests'), or allow network access "
+            f"DIFFORMER_TEST_DATA to a folder laid out as shared/data (docs/tests.md), or allow network access "
             f"(the first run downloads into {CACHE}); CI=true makes a missing dataset an error.", yellow=True)
 
 

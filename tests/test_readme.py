@@ -1,4 +1,4 @@
-"""The README's shell blocks marked ``<!-- runnable -->`` run as written, from a fresh copy of the
+"""The shell blocks of the README and of docs/ marked ``<!-- runnable -->`` run as written, from a fresh copy of the
 repository, and write nothing but under ``runs/`` (never over a tracked file)."""
 import hashlib
 import os
@@ -17,15 +17,18 @@ COST = 120
 
 
 def runnable_blocks():
-    """``(line number, commands)`` of every ```bash block right after the marker."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """``(line number, commands)`` of every ```bash block right after the marker, in the README and in the
+    manual under docs/."""
     blocks = []
-    for index, line in enumerate(lines):
-        if line.strip() == MARKER:
-            assert lines[index + 1].strip() == "```bash", f"README.md:{index + 1}: {MARKER} must precede a ```bash block"
-            end = lines.index("```", index + 2)
-            commands = [c for c in lines[index + 2:end] if c.strip() and not c.lstrip().startswith("#")]
-            blocks.append(pytest.param(commands, id=f"README.md:{index + 3}"))
+    for document in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        name = document.relative_to(ROOT).as_posix()
+        lines = document.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if line.strip() == MARKER:
+                assert lines[index + 1].strip() == "```bash", f"{name}:{index + 1}: {MARKER} must precede a ```bash block"
+                end = lines.index("```", index + 2)
+                commands = [c for c in lines[index + 2:end] if c.strip() and not c.lstrip().startswith("#")]
+                blocks.append(pytest.param(commands, id=f"{name}:{index + 3}"))
     return blocks
 
 
@@ -73,3 +76,21 @@ def test_readme_block_runs_as_written(commands, tmp_path):
     assert not changed, f"README commands changed tracked files: {changed}"
     outside = sorted(name for name in set(after) - set(before) if not re.match(r"runs/", name))
     assert not outside, f"README commands wrote outside runs/: {outside}"
+
+
+def test_the_readme_is_a_front_door_and_its_links_resolve():
+    """At most 400 lines (set-up, the command line, plugging in a dataset, the rest in brief); every relative
+    link of the README and of docs/ names a file that exists and, with an anchor, a heading in it."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 400
+    for document in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (document.parent / path).resolve() if path else document
+            assert linked.is_file(), f"{document.name}: link to {target}, no such file"
+            if anchor and linked.suffix == ".md":
+                slugs = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                         for line in linked.read_text().splitlines() if line.startswith("#")}
+                assert anchor in slugs, f"{document.name}: link to {target}, no such heading"
