@@ -179,6 +179,11 @@ class PartitionLoader:
     position is refused under another number of ranks (the epoch's batches differ). DataLoader workers draw
     requests ahead of the training loop, so the position is counted here, not in the sampler.
 
+    Relies on a Lightning behaviour no public API promises: its training loop does not take a batch ahead of
+    the step from an iterable with a length (``_PrefetchDataFetcher`` prefetches only to find the last batch of
+    one without), so when a checkpoint is written after step ``k`` this loader has handed out exactly ``k``
+    batches. ``tests/test_contracts.py::test_lightning_takes_no_batch_ahead_of_the_step`` fails if that changes.
+
     Not a ``DataLoader`` itself: Lightning then leaves it as it is (it replaces the samplers of
     ``DataLoader`` objects only), and calls ``sampler.set_epoch`` every epoch.
     """

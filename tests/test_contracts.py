@@ -150,3 +150,28 @@ def test_check_batch_against_hand_made_batches():
         check_batch({"x": 1}, 3, 3, "multiclass", 10, "a batch")
     regression = Data(x=torch.randn(4, 3), y=torch.randn(4))
     check_batch(regression, 3, 1, "regression", None, "a batch")  # no masks needed
+
+
+def test_lightning_takes_no_batch_ahead_of_the_step(store, tmp_path):
+    """PartitionLoader's position (what a checkpoint saves) equals the steps taken only while Lightning's training
+    loop takes no batch ahead from a loader with a length; no public API promises it, so this watches it."""
+    import lightning.pytorch as pl
+    from difformer_lightning import DIFFormer, NodeClassifier
+
+    class Watch(pl.Callback):
+        def __init__(self):
+            self.positions = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.positions.append((batch_idx, trainer.train_dataloader.state_dict()["position"]))
+
+    data = RandomPartitionDataModule(str(store), batch_size=100, num_workers=0)
+    watch = Watch()
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[watch])
+    trainer.fit(NodeClassifier(DIFFormer(data.num_features, 8, data.num_outputs)), datamodule=data)
+    # 503 nodes in batches of 100: 6 batches; at batch k's start, the loader has handed out k + 1 batches (after
+    # the last one its state is the next epoch's start, position 0)
+    assert [position for _, position in watch.positions] == [(index + 1) % 6 for index, _ in watch.positions]
+    assert len(watch.positions) == 6
