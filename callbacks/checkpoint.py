@@ -31,8 +31,12 @@ class Checkpoint(ModelCheckpoint):
     ``train.py`` fixes ``dirpath`` to ``<run folder>/checkpoints`` so a resumed run finds them (Lightning
     would pick a new ``version_N`` folder per run). Files are written through the Trainer's checkpoint IO
     (``train.py`` gives it :class:`difformer_lightning.checkpoint.AtomicCheckpointIO`: a temporary name, then
-    a rename). A ``ModelCheckpoint`` so that Lightning finds ``last.ckpt`` for ``ckpt_path="last"`` and
-    ``best.ckpt`` for ``ckpt_path="best"``; every save goes through the public ``Trainer.save_checkpoint``.
+    a rename). A ``ModelCheckpoint`` subclass, not a plain callback, because Lightning resolves
+    ``ckpt_path="last"`` only through its ``ModelCheckpoint`` callbacks (their ``_find_last_checkpoints``, in
+    ``_CheckpointConnector._parse_ckpt_path``) and ``ckpt_path="best"`` through ``trainer.checkpoint_callback``'s
+    ``best_model_path``: no public hook lets another callback name those files. Its own triggers are off (the
+    hooks below replace them); every save goes through the public ``Trainer.save_checkpoint``. The resume tests
+    (``tests/test_long_runs.py``: "Restored all states" from ``--ckpt_path last``) fail if that changes.
     """
 
     def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: Optional[int] = None,

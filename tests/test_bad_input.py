@@ -261,6 +261,7 @@ def test_a_full_disk_names_enospc_and_leaves_no_partial_file(tmp_path, monkeypat
     assert io.load_checkpoint(path)["n"] == 1
 
 
+@pytest.mark.slow
 def test_an_unwritable_checkpoint_folder_is_found_before_the_first_epoch(tmp_path):
     from train import main
     blocker = tmp_path / "file"
@@ -273,6 +274,7 @@ def test_an_unwritable_checkpoint_folder_is_found_before_the_first_epoch(tmp_pat
 
 
 @pytest.mark.parametrize("resume_from", ["last", "file"])
+@pytest.mark.slow
 def test_resuming_with_a_lower_learning_rate_applies_it_and_says_so(tmp_path, resume_from, capsys):
     from train import main
     common = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.logger", "false",
@@ -297,6 +299,7 @@ def test_edge_ids_outside_the_nodes_are_refused_by_the_encoder():
         DIFFormer(4, 8, 2, kernel="gcn")(torch.randn(5, 4), torch.tensor([[0, -1], [1, 1]]))
 
 
+@pytest.mark.slow
 def test_a_validation_schedule_that_never_validates_is_named_before_training(tmp_path):
     from train import main
     common = ["fit", "--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.default_root_dir", str(tmp_path),
@@ -339,6 +342,7 @@ def test_truncated_raw_files_are_named_with_their_folder_and_the_fix(tmp_path):
         PyGDataModule("HeterophilousGraphDataset", "Minesweeper", root=str(tmp_path)).data
 
 
+@pytest.mark.slow
 def test_a_data_module_refusing_its_arguments_is_reported_by_its_own_words_on_the_command_line(tmp_path):
     """jsonargparse wraps a data module's ValueError in a list of every Union member it tried; train.py says the
     module's own reason. A lags of 0 is refused, not replaced by the default."""

@@ -95,6 +95,7 @@ def test_energy_callback_logs_every_layer_of_the_probe_batch(tmp_path):
     assert all(logged[key] == pytest.approx(expected[key], rel=1e-5) for key in expected)
 
 
+@pytest.mark.slow
 def test_partition_stats_on_a_store_keep_about_batch_over_nodes_of_the_edges(tmp_path):
     from callbacks import PartitionStats
     from datamodules import RandomPartitionDataModule

@@ -25,6 +25,7 @@ def test_every_data_module_of_the_project_implements_the_whole_contract(data_cla
                                  "describe", "probe_batch", "prediction_nodes", "evaluation_plan"}
 
 
+@pytest.mark.slow
 def test_a_data_module_missing_part_of_the_contract_is_named_before_any_data_is_loaded(tmp_path):
     from cli_helpers import IncompleteData
     with pytest.raises(TypeError, match="IncompleteData lacks num_outputs, task, metric, num_nodes, "
@@ -115,6 +116,7 @@ def test_atomic_writes_leave_the_old_file_or_the_new_and_clean_a_dead_writers_le
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+@pytest.mark.slow
 def test_a_user_data_modules_bad_first_batch_is_named_before_any_step(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
                              "--data", "cli_helpers.BadBatches", "--trainer.default_root_dir", str(tmp_path / "run"),
@@ -152,6 +154,7 @@ def test_check_batch_against_hand_made_batches():
     check_batch(regression, 3, 1, "regression", None, "a batch")  # no masks needed
 
 
+@pytest.mark.slow
 def test_lightning_takes_no_batch_ahead_of_the_step(store, tmp_path):
     """PartitionLoader's position (what a checkpoint saves) equals the steps taken only while Lightning's training
     loop takes no batch ahead from a loader with a length; no public API promises it, so this watches it."""

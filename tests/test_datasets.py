@@ -81,6 +81,7 @@ def cora_meta(root):
     return meta
 
 
+@pytest.mark.slow
 def test_ogb_data_module_trains_end_to_end_and_reports_ogbs_evaluator(copy_data, tmp_path):
     data_root = copy_data("ogb_format")
     # Cora in OGB's CSV layout, under OGB's name for a one-task accuracy dataset: the Evaluator path offline.
@@ -107,6 +108,7 @@ def test_ogb_data_module_trains_end_to_end_and_reports_ogbs_evaluator(copy_data,
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_the_same_dataset_convert_it_once(copy_data, tmp_path):
     data_root = copy_data("ogb_format")
     script = f"""
@@ -133,6 +135,7 @@ print("ready", flush=True)
     GraphStore.open(tmp_path / "stores" / "ogbn-cora")  # complete and valid
 
 
+@pytest.mark.slow
 def test_the_large_presets_resolve_offline():
     for preset in ("ogbn_proteins_s", "pokec_s", "ogbn_arxiv_s", "ogbn_products_s", "ogbn_papers100m_s"):
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config",

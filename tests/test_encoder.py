@@ -251,6 +251,7 @@ def test_an_unsorted_batch_vector_is_refused():
         build("simple")(x, edge_index, batch=batch)
 
 
+@pytest.mark.slow
 def test_graph_classification_example_runs_as_written():
     import subprocess
     import sys

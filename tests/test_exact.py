@@ -148,6 +148,7 @@ def test_attention_statistics_add_up_over_chunks_and_survive_one_all_reduce():
         torch.testing.assert_close(restored.attend(q, norm)[0], linear_attention(q[0], k[0], v[0], norm))
 
 
+@pytest.mark.slow
 def test_any_number_of_ranks_gives_bitwise_the_same_states(awkward, tmp_path):
     _, store = awkward
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}

@@ -127,6 +127,7 @@ def test_chunk_groups_depend_on_the_number_of_chunks_only():
             assert sorted(index for groups_of_rank in mine for index, _ in groups_of_rank) == list(range(64))
 
 
+@pytest.mark.slow
 def test_statistics_memory_is_the_same_for_20_and_2000_chunks(tmp_path):
     """The table all-reduced per layer has 64 rows whatever the number of chunks, and the pass's peak memory
     does not grow with it (one row per chunk would add 2,000 x 16,899 x 8 bytes = 270 MB here)."""
@@ -175,6 +176,7 @@ def test_node_count_is_exact():
     assert float(torch.tensor(111_059_956, dtype=torch.float32)) == 111_059_952  # what float32 held
 
 
+@pytest.mark.slow
 def test_ranks_are_bitwise_equal_when_groups_hold_several_chunks(tmp_path):
     """1,003 nodes in chunks of 7: 144 chunks in 64 groups of 2 or 3; 1, 2 and 4 ranks (the bitwise check of
     tests/test_exact.py with fewer chunks than groups, one rank without a chunk, is the other case)."""
@@ -274,6 +276,7 @@ def assert_refused_before_training(done: subprocess.CompletedProcess, run_dir: P
     assert not any("train/loss" in row for row in logged_epochs(run_dir).values()) if (run_dir / "logs").exists() else True
 
 
+@pytest.mark.slow
 def test_a_missing_scratch_folder_is_refused_before_the_first_step(tmp_path, small_store):
     run_dir = tmp_path / "run"
     done = subprocess.run(fit_command(small_store, run_dir, tmp_path / "no-such-folder"), cwd=ROOT, env=ENV,
@@ -282,6 +285,7 @@ def test_a_missing_scratch_folder_is_refused_before_the_first_step(tmp_path, sma
 
 
 @needs_namespace
+@pytest.mark.slow
 def test_a_full_or_read_only_scratch_folder_is_refused_before_the_first_step(tmp_path, small_store):
     full, read_only = tmp_path / "full", tmp_path / "read-only"
     full.mkdir(), read_only.mkdir()
@@ -337,6 +341,7 @@ def _scratch_holder(folder: Path, action: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_killed_runs_scratch_is_removed_by_the_next_start_and_a_live_ones_kept(tmp_path, small_store):
     scratch_dir = tmp_path / "scratch"
     scratch_dir.mkdir()
@@ -430,6 +435,7 @@ def test_bad_prediction_node_files_are_named(small_store, tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.slow
 def test_predictions_of_chosen_nodes_and_metrics_from_split_reads(tmp_path, small_store, ranks):
     """A fit whose evaluation reads only labelled nodes logs the metrics of the offline full-graph forward;
     `predict` writes all rows, the test split's or a file's (in its order), equal to that forward's rows."""

@@ -11,6 +11,7 @@ def samples(n=60, f=5, classes=3, seed=0):
     return generator.normal(size=(n, f)), np.arange(n) % classes
 
 
+@pytest.mark.slow
 def test_knn_graph_in_blocks_equals_brute_force_neighbours():
     from sklearn.neighbors import NearestNeighbors
     x, _ = samples(200, 4)

@@ -94,6 +94,7 @@ print(kept, sorted(faults[2:])[len(faults[2:]) // 2])  # the median once the hea
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.slow
 def test_freed_memory_is_reused_without_page_faults():
     """The setting is process-wide, so each case runs in its own interpreter."""
     def run(setting):

@@ -59,6 +59,7 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, store):
     # evaluation by partition batches: their metrics, summed over ranks, are what this test checks
     config = partition_config(tmp_path, store, batch_size=130, evaluation="partition", every_n_train_steps="null")
@@ -93,6 +94,7 @@ def test_ddp_ranks_share_one_partition_and_metrics_match_one_process(tmp_path, s
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, store, ranks):
     # One rank: 7 batches per epoch; two: 4 per rank. 3 epochs, a checkpoint every 3 steps, so
     # most fall mid-epoch; the kill comes at a random step after the first checkpoint.
@@ -145,6 +147,7 @@ def run_until(config: Path, run_dir: Path, line: str, *extra) -> None:
 
 
 @pytest.mark.parametrize("first_kill", ["validating 0", "step 7"])
+@pytest.mark.slow
 def test_kills_while_validating_or_right_after_an_epochs_last_step_resume_to_the_same_logs(tmp_path, store,
                                                                                             first_kill):
     # 7 batches an epoch, 3 epochs, a checkpoint after every step. A first kill while epoch 0 validates, or
@@ -163,6 +166,7 @@ def test_kills_while_validating_or_right_after_an_epochs_last_step_resume_to_the
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_the_final_state_when_the_step_interval_does_not_divide_the_run(tmp_path, store):
     # 21 steps, a checkpoint every 5: without the epoch-end and final saves last.ckpt would be step 20.
     config = partition_config(tmp_path, store, batch_size=150, every_n_train_steps=5)
@@ -183,6 +187,7 @@ def test_last_ckpt_is_the_final_state_when_the_step_interval_does_not_divide_the
     assert all(torch.equal(after["state_dict"][name], checkpoint["state_dict"][name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_resume_with_another_configuration_names_the_difference(tmp_path, store):
     config = partition_config(tmp_path, store, batch_size=150)
     first = train("--config", str(config), "--trainer.max_epochs", "1", run_dir=tmp_path / "run")
@@ -195,6 +200,7 @@ def test_resume_with_another_configuration_names_the_difference(tmp_path, store)
         assert "Epoch" not in result.stdout
 
 
+@pytest.mark.slow
 def test_resuming_from_an_epoch_end_checkpoint_with_or_without_torch_compile(tmp_path, store):
     """From the checkpoint written at an epoch's end, the next epoch logs what an uninterrupted run
     logs (its loss mean must not include the finished epoch's losses). compile_encoder changes how
@@ -235,6 +241,7 @@ def test_a_memory_budget_never_blocks_a_resume_and_a_model_setting_does():
         check_compatible(saved, {"encoder": {"init_args": {"sigmoid_block_bytes": 2**30, "num_layers": 3}}}, {}, None)
 
 
+@pytest.mark.slow
 def test_a_torch_file_that_is_no_checkpoint_is_refused_by_name_before_lightning_reads_it(tmp_path):
     path = tmp_path / "tensor.ckpt"
     torch.save(torch.zeros(3), path)  # a complete torch.save file, but a bare tensor
@@ -263,6 +270,7 @@ def test_a_kill_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if "last" in p.name] == ["last.ckpt"]  # 'last' finds no partial
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_paths_and_device_counts_fail_before_work(tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(1000)}, truncated)
@@ -279,6 +287,7 @@ def test_bad_checkpoint_paths_and_device_counts_fail_before_work(tmp_path):
         assert "Epoch" not in result.stdout
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_stays_finite_and_learns(tmp_path):
     result = train("--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.precision", "bf16-mixed",
                    "--trainer.max_epochs", "40", "--trainer.enable_progress_bar", "false", run_dir=tmp_path)
@@ -288,6 +297,7 @@ def test_bf16_mixed_training_stays_finite_and_learns(tmp_path):
     assert metrics["test@best_val"] > 0.6  # as in float32 (test_default_job_learns_far_above_chance)
 
 
+@pytest.mark.slow
 def test_sigint_ends_a_fit_with_130_and_says_where_it_stopped_and_how_to_resume(tmp_path):
     """Ctrl-C (SIGINT) once the first checkpoint exists: exit code 130 (the shell's for Ctrl-C; Lightning
     itself exits 1), a line naming the epoch, the step, what last.ckpt holds and the resume option."""
@@ -310,6 +320,7 @@ def test_sigint_ends_a_fit_with_130_and_says_where_it_stopped_and_how_to_resume(
 
 
 @pytest.mark.parametrize("kill", ["step 5", "validating 4"])
+@pytest.mark.slow
 def test_the_full_batch_demo_killed_and_resumed_logs_what_the_uninterrupted_run_logs(tmp_path, kill):
     """The README's default job (one batch an epoch, dropout) killed after a step or while validating, then
     resumed with --ckpt_path last: every logged value of every epoch and the final weights are the
@@ -328,6 +339,7 @@ def test_the_full_batch_demo_killed_and_resumed_logs_what_the_uninterrupted_run_
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_a_fit_with_lightnings_early_stopping_as_a_user_adds_it_resumes(tmp_path):
     """``--trainer.callbacks+=EarlyStopping`` with its defaults: resuming from the epoch-end checkpoint stopped
     with "Early stopping conditioned on metric `val/acc` which is not available" (train.py now has it decide
@@ -343,6 +355,7 @@ def test_a_fit_with_lightnings_early_stopping_as_a_user_adds_it_resumes(tmp_path
     assert logged_epochs(tmp_path / "resumed") == logged_epochs(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_the_modules_buffers_is_evaluated_and_resumed(tmp_path):
     synthetic = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.enable_progress_bar", "false"]
     fitted = train(*synthetic, "--trainer.max_epochs", "2", run_dir=tmp_path / "run")
@@ -361,6 +374,7 @@ def test_a_checkpoint_without_the_modules_buffers_is_evaluated_and_resumed(tmp_p
         assert "the checkpoint has no best_val, test_at_best_val, best_step" in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_named_optimiser_trains_with_its_own_values_and_a_schedule_resumes_exactly(tmp_path):
     synthetic = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--trainer.enable_progress_bar", "false"]
     adamw = train(*synthetic, "--trainer.max_epochs", "1", "--optimizer", "AdamW", "--optimizer.lr", "0.005",

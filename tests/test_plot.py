@@ -8,6 +8,7 @@ from difformer_lightning.plot import main, read_metrics
 HEADER = "epoch,step,train/loss,val/acc,energy/local_1,energy/global_1,energy/total_1,energy/global_0\n"
 
 
+@pytest.mark.slow
 def test_plot_merges_resumed_logs_and_writes_both_figures(tmp_path):
     first, second = tmp_path / "logs" / "version_0", tmp_path / "logs" / "version_1"
     for folder in (first, second):
@@ -22,6 +23,7 @@ def test_plot_merges_resumed_logs_and_writes_both_figures(tmp_path):
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in written)
 
 
+@pytest.mark.slow
 def test_plot_without_logs_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.csv under"):
         main([str(tmp_path)])

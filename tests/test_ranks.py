@@ -65,6 +65,7 @@ def recompute(checkpoint, store: GraphStore, evaluation: str, eval_batch: int) -
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.slow
 def test_every_rank_count_and_size_finishes_and_logs_the_single_process_numbers(tmp_path, case):
     store = GraphStore.open(write_store_from_data(graph(case["nodes"], case["train"]), tmp_path / "store"))
     eval_batch = case["eval"] or case["batch"]

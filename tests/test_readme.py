@@ -52,6 +52,7 @@ def test_the_readme_marks_its_cheap_examples_runnable():
 
 
 @pytest.mark.parametrize("commands", runnable_blocks())
+@pytest.mark.slow
 def test_readme_block_runs_as_written(commands, tmp_path):
     files = tracked_files()
     if files is None:

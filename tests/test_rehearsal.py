@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import scaled_timeout
@@ -13,6 +14,7 @@ from datamodules.partition import PartitionSampler
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_rehearsal_runs_end_to_end_at_a_small_scale(tmp_path):
     out = tmp_path / "rehearsal.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "papers100m_rehearsal.py"), "--scale", "0.00005",
@@ -43,6 +45,7 @@ def test_a_worker_receives_only_its_batch(tmp_path):
     assert len(pickle.dumps(request)) < 8 * batch + 2000
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_its_steps_dry_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.py --dry-run: every step of the GPU check (training step against PyG's SGFormer, the
     exact pass in bf16 and fp16 against float32, DDP over 2 processes) at a tiny size on the CPU."""

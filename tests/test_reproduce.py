@@ -5,9 +5,12 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, scaled_timeout
 
 
+@pytest.mark.slow
 def test_reproduce_writes_every_run_and_the_table_marks_a_stopped_one(tmp_path):
     out = tmp_path / "synthetic_s.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--config",

@@ -26,6 +26,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_two_fits_of_one_preset_get_two_folders_and_test_evaluates_the_selected_best(tmp_path):
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "12", *QUIET)
     first = tmp_path / "runs" / "synthetic"
@@ -58,6 +59,7 @@ def test_two_fits_of_one_preset_get_two_folders_and_test_evaluates_the_selected_
         logged_epochs(first)[max(logged_epochs(first))]["test@best_val"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_continues_its_own_folder(tmp_path):
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "3", *QUIET)
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "5", "--ckpt_path", "last", *QUIET)
@@ -89,6 +91,7 @@ class MyData(NodeDataModule):
 '''
 
 
+@pytest.mark.slow
 def test_a_data_module_of_ones_own_from_the_readme_recipe(tmp_path):
     """README: with my_data.py in the folder you run from, `--data my_data.MyData` is all it takes."""
     (tmp_path / "my_data.py").write_text(MY_DATA)
@@ -99,6 +102,7 @@ def test_a_data_module_of_ones_own_from_the_readme_recipe(tmp_path):
     assert logged[max(logged)]["test@best_val"] > 0.8, output[-2000:]
 
 
+@pytest.mark.slow
 def test_a_class_that_does_not_import_is_reported_in_a_few_lines(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data",
                              "my_dta.MyData"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(20))
@@ -108,6 +112,7 @@ def test_a_class_that_does_not_import_is_reported_in_a_few_lines(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_class_whose_own_import_fails_names_the_missing_package(tmp_path):
     (tmp_path / "my_data.py").write_text("import a_package_nobody_installed\n" + MY_DATA)
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data",
@@ -117,6 +122,7 @@ def test_a_class_whose_own_import_fails_names_the_missing_package(tmp_path):
     assert "PYTHONPATH" not in result.stderr  # the module itself was found: that advice would mislead
 
 
+@pytest.mark.slow
 def test_a_bare_unknown_class_name_asks_for_its_import_path(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, "--data", "MyData"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(20))
@@ -133,6 +139,7 @@ def run_py(cwd, *args):
                           timeout=scaled_timeout(30))
 
 
+@pytest.mark.slow
 def test_evaluating_settings_no_run_has_lists_the_runs_and_what_differs(tmp_path):
     """The newest run of a preset is not evaluated for other settings: its number is not theirs."""
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", *QUIET)
@@ -145,6 +152,7 @@ def test_evaluating_settings_no_run_has_lists_the_runs_and_what_differs(tmp_path
     assert f"evaluating {Path('runs', 'synthetic', 'checkpoints', 'best.ckpt')}" in output
 
 
+@pytest.mark.slow
 def test_resuming_last_says_whether_it_continues_or_starts_afresh_and_why(tmp_path):
     output = train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", "--ckpt_path", "last", *QUIET)
     assert f"--ckpt_path last: starting a new run in {Path('runs', 'synthetic')}: no run of this preset exists" in output
@@ -156,6 +164,7 @@ def test_resuming_last_says_whether_it_continues_or_starts_afresh_and_why(tmp_pa
             f"these settings:\n  {Path('runs', 'synthetic')}: model.encoder.hidden_channels: 64 there, 32 here") in output
 
 
+@pytest.mark.slow
 def test_simultaneous_starts_each_get_a_folder_of_their_own(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; import train; "
               f"print(train.run_folder(Path('runs/synthetic'), 'seed_everything: 0\\n', 'fit', None))")
@@ -171,6 +180,7 @@ def test_simultaneous_starts_each_get_a_folder_of_their_own(tmp_path):
         assert all((cwd / folder / "run.yaml").read_text() == "seed_everything: 0\n" for folder in folders)
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_folder_and_evaluation_logs_apart_from_the_fits(tmp_path):
     for bad in (["--data.init_args.num_nodes", "5"],  # refused by the data module
                 ["--trainer.check_val_every_n_epoch", "0"]):  # refused before the data

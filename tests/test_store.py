@@ -173,6 +173,7 @@ def test_bad_batch_sizes_and_empty_splits(cora_store, tmp_path):
         RandomPartitionDataModule(str(empty), batch_size=2).setup("fit")
 
 
+@pytest.mark.slow
 def test_partition_training_on_cora_and_batched_metrics(cora_store):
     data, path = cora_store
     module = RandomPartitionDataModule(str(path), batch_size=1000, num_workers=0, evaluation="partition")
@@ -298,6 +299,7 @@ def test_pyg_lib_and_pure_torch_paths_give_identical_batches(cora_store, monkeyp
         assert sorted(fast_ids.tolist()) == sorted(slow_ids.tolist())  # the same edges of col
 
 
+@pytest.mark.slow
 def test_the_demo_store_command_writes_what_write_synthetic_store_writes_and_a_missing_store_names_it(tmp_path):
     import subprocess
     import sys

@@ -58,6 +58,7 @@ def test_all_pairs_error_is_the_reference_broadcast():
     torch.testing.assert_close(all_pairs_mse(prediction, target, batch), torch.stack(expected))
 
 
+@pytest.mark.slow
 def test_chickenpox_trains_below_the_variance_in_batches_of_snapshots():
     import lightning.pytorch as pl
     source = data_folder("temporal") / "chickenpox.json"
@@ -81,6 +82,7 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                                                        ("chickenpox_s_graph", "simple", True),
                                                        ("chickenpox_a", "sigmoid", False),
                                                        ("chickenpox_a_graph", "sigmoid", True)])
+@pytest.mark.slow
 def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_graph, tmp_path):
     from train import main
     cli = main(["fit", "--config", str(ROOT / "configs" / f"{preset}.yaml"), "--data.init_args.root", str(data_root("temporal")),
@@ -107,6 +109,7 @@ def test_presets_train_the_reference_recipe_through_the_cli(preset, kernel, use_
      "is a classification task but the model is difformer_lightning.NodeRegressor: "
      "use --model difformer_lightning.NodeClassifier"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_a_model_that_does_not_fit_the_task_before_loading_data(args, message, tmp_path):
     from train import main
     with pytest.raises(ValueError, match=message):
@@ -122,6 +125,7 @@ def chickenpox_fit(run_dir):
             str(run_dir)]
 
 
+@pytest.mark.slow
 def test_a_temporal_checkpoint_resumed_on_other_temporal_data_lists_the_differences(tmp_path):
     from train import main
     common = chickenpox_fit(tmp_path)
@@ -177,6 +181,7 @@ def _two_snapshots(seed=0, nodes=(5, 5)):
 
 
 @pytest.mark.parametrize("objective", ["mse", "mse_all_pairs"])
+@pytest.mark.slow
 def test_one_step_on_all_training_snapshots_has_the_reference_gradient(objective):
     """main.py (chickenpox, covid): cost_tr = sum over snapshots of torch.mean((y_hat - y) ** 2) with y_hat [N, 1]
     and y [N] (broadcast), divided by the count, one backward and one Adam step an epoch."""
@@ -243,6 +248,7 @@ class _Scripted(__import__("lightning.pytorch", fromlist=["LightningModule"]).Li
     val_dataloader = train_dataloader
 
 
+@pytest.mark.slow
 def test_cumulative_stopping_stops_where_the_reference_does_and_consecutive_patience_does_not():
     import lightning.pytorch as pl
     from callbacks import CumulativeEarlyStopping
@@ -328,6 +334,7 @@ RUN_SH = {("chickenpox", "s_graph"): (0.01, 0.0, 0.2), ("chickenpox", "s"): (0.0
 
 
 @pytest.mark.parametrize("dataset, variant", list(RUN_SH))
+@pytest.mark.slow
 def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_path):
     from callbacks import CumulativeEarlyStopping
     from train import main
@@ -347,6 +354,7 @@ def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_pa
     assert not [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_objective_option_still_resumes(tmp_path):
     from train import main
     common = chickenpox_fit(tmp_path)
@@ -372,6 +380,7 @@ def test_a_ragged_row_and_a_constant_series_are_named():
         snapshots_from_json(constant, lags=1, source="w.json")
 
 
+@pytest.mark.slow
 def test_stopping_on_another_metric_than_the_selection_is_warned(tmp_path):
     from train import main
     with pytest.warns(UserWarning, match="CumulativeEarlyStopping monitors val/mse_all_pairs but the model selects its "

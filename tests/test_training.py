@@ -30,6 +30,7 @@ class IndependentAccuracy(pl.Callback):
                              for split in ("train", "val", "test")})
 
 
+@pytest.mark.slow
 def test_logged_accuracy_and_test_at_best_val_match_a_hand_computation(tmp_path):
     # Unbalanced classes: a per-class (macro) mean would differ from the fraction of correct nodes.
     data = SyntheticCSBMDataModule(num_nodes=1200, num_classes=4, train_per_class=5, num_val=300, num_test=500, seed=1)
@@ -89,6 +90,7 @@ def test_cli_size_guard_for_difformer_a_fires_before_training(planetoid_root):
     assert "Epoch 0" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_cora_difformer_s_reaches_the_published_range(planetoid_root, tmp_path):
     """One seed of the published Cora recipe (paper: 85.9 +- 0.4; benchmarks/reproduce.py: 5 seeds)."""
     from train import main
@@ -99,6 +101,7 @@ def test_cora_difformer_s_reaches_the_published_range(planetoid_root, tmp_path):
     assert float(cli.model.test_at_best_val) >= 0.84
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_through_the_cli(tmp_path):
     """fit writes a checkpoint; `test` and load_from_checkpoint rebuild the encoder from it alone."""
     from train import main
@@ -119,6 +122,7 @@ def test_checkpoint_round_trip_through_the_cli(tmp_path):
     assert by_hand > 0.3  # eight epochs already beat chance (0.2)
 
 
+@pytest.mark.slow
 def test_multilabel_uses_bce_and_task_averaged_rocauc(tmp_path):
     from sklearn.metrics import roc_auc_score
     from datamodules import NodeDataModule
