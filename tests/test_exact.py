@@ -218,6 +218,7 @@ def accuracy(logits: torch.Tensor, store: GraphStore, split: str) -> float:
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.slow
 def test_a_partition_run_logs_the_exact_full_graph_metrics_and_predicts_them(tmp_path, loop_store, ranks):
     store = GraphStore.open(loop_store)
     run_dir = tmp_path / "run"
@@ -243,6 +244,7 @@ def test_a_partition_run_logs_the_exact_full_graph_metrics_and_predicts_them(tmp
     assert not list((run_dir / "predictions").glob(".*tmp*"))  # nothing half-written left beside them
 
 
+@pytest.mark.slow
 def test_full_batch_data_writes_the_same_prediction_files(tmp_path):
     run_dir = tmp_path / "run"
     common = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "--data.init_args.num_nodes", "600",

@@ -300,6 +300,7 @@ def test_a_full_or_read_only_scratch_folder_is_refused_before_the_first_step(tmp
 
 
 @needs_namespace
+@pytest.mark.slow
 def test_a_file_system_that_fills_up_before_the_first_pass_gives_an_error_not_sigbus(tmp_path):
     """The checked space is gone when the pass creates its arrays: their blocks are reserved at creation, so
     the pass stops with a ScratchError naming the space, where writing into unreserved pages of a full file

@@ -74,6 +74,7 @@ def test_bad_feature_files_are_named(tmp_path):
         FeatureDataModule(x, np.arange(6) % 2, labels_per_class=1, num_val=1, knn=6).data
 
 
+@pytest.mark.slow
 def test_the_readme_plug_in_example_runs_as_written(tmp_path, monkeypatch, capsys):
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, data_folder, scaled_timeout
 
 NEEDS_DATA = '''
@@ -36,6 +38,7 @@ def run_clone(tmp_path, **env):
                           env=environment, capture_output=True, text=True, timeout=scaled_timeout(30))
 
 
+@pytest.mark.slow
 def test_no_data_and_no_network_skips_with_one_summary_line(tmp_path):
     result = run_clone(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -44,6 +47,7 @@ def test_no_data_and_no_network_skips_with_one_summary_line(tmp_path):
     assert len(summary) == 1 and "planetoid" in summary[0] and "DIFFORMER_TEST_DATA" in summary[0], result.stdout
 
 
+@pytest.mark.slow
 def test_ci_makes_a_missing_dataset_an_error_naming_it(tmp_path):
     result = run_clone(tmp_path, CI="true")
     assert result.returncode != 0

@@ -61,6 +61,7 @@ def run_cli(*args, timeout=None):
                               capture_output=True, text=True, timeout=timeout or scaled_timeout(30))
 
 
+@pytest.mark.slow
 def test_default_job_learns_far_above_chance():
     result = run_cli("fit", "--config", "configs/synthetic.yaml", "--trainer.max_epochs", "40",
                      "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -75,6 +76,7 @@ def test_default_job_learns_far_above_chance():
     (["--model.encoder.kernel", "softmax"], "kernel"),
     (["--data.init_args.name", "Corra"], "Corra"),
 ])
+@pytest.mark.slow
 def test_cli_rejects_bad_choices_before_training(args, message):
     config = "configs/cora_s.yaml"
     result = run_cli("fit", "--config", config, *args, timeout=scaled_timeout(20))
@@ -82,6 +84,7 @@ def test_cli_rejects_bad_choices_before_training(args, message):
     assert message in result.stderr and "Epoch" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_cli_size_guard_for_difformer_a_fires_before_training(planetoid_root):
     result = run_cli("fit", "--config", "configs/cora_a.yaml", "--data.init_args.root", str(planetoid_root),
                      "--model.encoder.init_args.sigmoid_block_bytes", "1000", timeout=scaled_timeout(20))
