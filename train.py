@@ -26,7 +26,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
 from callbacks.checkpoint import BEST
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
-from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_content, check_checkpoint_file
+from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, checkpoint_position, check_checkpoint_content, check_checkpoint_file
 from difformer_lightning.contracts import check_data_module
 from difformer_lightning.io import atomic_file
 
@@ -70,11 +70,18 @@ class DIFFormerCLI(LightningCLI):
         for key, value in getattr(self, "_explicit_optimizer", {}).items():
             config.model.init_args[key] = value
         one_learning_rate(config, getattr(self, "_given", []))
+        for name, source in (("in_channels", "num_features"), ("out_channels", "num_outputs")):
+            if any(arg in getattr(self, "_given", []) for arg in (f"--model.encoder.init_args.{name}",
+                                                                   f"--model.init_args.encoder.init_args.{name}")):
+                raise ValueError(f"--model.encoder.init_args.{name} is set from the data (its {source}); remove it "
+                                 f"from the command line (a data module of your own sets {source})")
         if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
             name = Path(str(config.config[-1])).stem if config.get("config") else "run"
             trainer.default_root_dir = str(run_folder(Path(RUNS) / name, run_settings(config), self.subcommand,
                                                       config.get("ckpt_path")))
         root = Path(trainer.default_root_dir)
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last" and _STARTED.get("created"):
+            config.ckpt_path = None  # a new run (said why above): nothing to restore, no Lightning hint about it
         _STARTED.setdefault("folder", root)
         _STARTED["versions"] = set(root.glob("**/version_*")) if root.is_dir() else set()
         if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") in (None, "best"):
@@ -289,16 +296,36 @@ def _flat_settings(settings: str) -> dict:
     return flatten(loaded if isinstance(loaded, dict) else {"run.yaml": "<unreadable>"}, "")
 
 
-def settings_differences(saved: str, current: str) -> List[str]:
-    """``run.yaml`` texts compared: ``"model.lr: 0.005 there, 0.01 here"`` for every setting that defines a run
-    (all but :data:`LOCAL_SETTINGS`) and differs."""
+def setting_changes(saved: str, current: str) -> List[Tuple[str, object, object]]:
+    """``(key, there, here)`` for every setting that defines a run (all but :data:`LOCAL_SETTINGS`) and differs
+    between two ``run.yaml`` texts. A group given by class (``optimizer``, ``lr_scheduler``, ``data``, an encoder)
+    whose class differs is one change, not one per argument of each class."""
     unset = "<not set>"
     # a setting that is None is the same as one not written (run.yaml of an earlier version lacks newer keys)
     before, now = ({key: value for key, value in _flat_settings(text).items() if value is not None}
                    for text in (saved, current))
-    return [f"{key}: {before.get(key, unset)!r} there, {now.get(key, unset)!r} here"
-            for key in sorted(before.keys() | now.keys())
-            if key not in LOCAL_SETTINGS and before.get(key, unset) != now.get(key, unset)]
+    changes = [(key, before.get(key, unset), now.get(key, unset)) for key in sorted(before.keys() | now.keys())
+               if key not in LOCAL_SETTINGS and before.get(key, unset) != now.get(key, unset)]
+    other_class = [key[:-len(".class_path")] for key, _, _ in changes if key.endswith(".class_path")]
+    return [(key, there, here) for key, there, here in changes
+            if not any(key.startswith(group + ".") and key != group + ".class_path" for group in other_class)]
+
+
+def settings_differences(saved: str, current: str) -> List[str]:
+    """:func:`setting_changes` as phrases: ``"model.lr: 0.005 there, 0.01 here"``."""
+    return [f"{key}: {there!r} there, {here!r} here" for key, there, here in setting_changes(saved, current)]
+
+
+def is_optimizer_setting(key: str) -> bool:
+    """Whether a setting is one a resumed fit may change (``model.lr``, ``model.weight_decay`` and a named
+    optimiser's lr and weight decay: :data:`OPTIMIZER_OPTIONS`): the run continues, with the change."""
+    group, _, name = key.rpartition(".")
+    return group in ("model", "optimizer") and name in OPTIMIZER_OPTIONS
+
+
+def _changes(folder: Path, settings: str) -> List[Tuple[str, object, object]]:
+    path = folder / SETTINGS
+    return setting_changes(path.read_text(), settings) if path.is_file() else [(SETTINGS, "<missing>", "")]
 
 
 def _differences(folder: Path, settings: str) -> List[str]:
@@ -313,6 +340,18 @@ def _describe_candidates(folders: List[Path], settings: str, limit: int = 5) -> 
         lines.append(f"  {folder}: {'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}")
     more = f"\n  (and {len(folders) - limit} older)" if len(folders) > limit else ""
     return "\n".join(lines) + more
+
+
+def _continue_with_changes(folder: Path, settings: str) -> None:
+    """A fit continuing ``folder`` with another lr or weight decay (the resume rule): ``run.yaml`` takes the new
+    settings, so that test/predict with them find this run; said with the change."""
+    changes = _changes(folder, settings)
+    if changes:
+        with atomic_file(folder / SETTINGS, "w") as handle:
+            handle.write(settings)
+        rank_zero_info(f"{folder}: continuing with " + "; ".join(f"{key} {there!r} -> {here!r}"
+                                                                 for key, there, here in changes)
+                       + f" (a resumed fit may change its lr and weight decay; {SETTINGS} updated)")
 
 
 # The run folder this process created for a fit, and the log folders that existed before it started: what a
@@ -341,16 +380,23 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         return base
     candidates = [base] + [base.with_name(f"{base.name}-{index}") for index in range(2, 1000)]
     existing = [folder for folder in candidates if folder.exists()]
-    same = [folder for folder in existing if not _differences(folder, settings)]
+    changes = {folder: _changes(folder, settings) for folder in existing}
+    same = [folder for folder in existing if not changes[folder]]
+    # a fit may continue a run whose lr or weight decay this one changes (NonFiniteGuard's advice)
+    resumable = [folder for folder in existing if all(is_optimizer_setting(key) for key, _, _ in changes[folder])]
     if ckpt_path not in (None, *NAMED_CHECKPOINTS):
         owner = Path(ckpt_path).resolve().parent.parent
         folder = next((f for f in existing if f.resolve() == owner), owner if subcommand != "fit" else None)
         if folder is not None:
+            if subcommand == "fit" and folder in resumable:
+                _continue_with_changes(folder, settings)
             os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"
             return folder
-    if subcommand == "fit" and ckpt_path == "last" and same:
-        folder = same[-1]
-        rank_zero_info(f"--ckpt_path last: continuing {folder}, the newest run of this preset with these settings")
+    if subcommand == "fit" and ckpt_path == "last" and resumable:
+        folder = resumable[-1]
+        rank_zero_info(f"--ckpt_path last: continuing {folder}, the newest run of this preset with these settings"
+                       + (" (but for its lr or weight decay)" if changes[folder] else ""))
+        _continue_with_changes(folder, settings)
     elif subcommand == "fit":
         folder = _new_run_folder(candidates, settings)
         if ckpt_path == "last":
@@ -417,12 +463,9 @@ def best_checkpoint(run: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no {BEST} in {run / 'checkpoints'}: that run has validated no epoch yet (or is "
                                 f"another preset's). Pass --ckpt_path last, or the path of a checkpoint")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # reads no tensor data
-        rank_zero_info(f"evaluating {path} (epoch {saved.get('epoch')}, global step {saved.get('global_step')}, the "
-                       f"run's best validation)")
-    except Exception:  # noqa: BLE001  reported properly when Lightning loads it
-        pass
+    position = checkpoint_position(path)
+    rank_zero_info(f"evaluating {path} (epoch {position['epoch']}, global step {position['global_step']}, the run's "
+                   f"best validation)")
     return path
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from difformer_lightning.checkpoint import checkpoint_position
 from difformer_lightning.io import make_writable_folder, publish, remove_dead_staging, staging_path, write_json_atomic
 
 MANIFEST = "predictions.json"
@@ -137,8 +138,10 @@ class PredictionWriter(BasePredictionWriter):
             folder = self.folder(trainer)
             shapes = {name: list(np.load(folder / f"{name}.npy", mmap_mode="r").shape) for name in self._staging}
             write_json_atomic(folder / MANIFEST, {
-                "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step, "rows": len(self._written),
+                "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+                **(checkpoint_position(trainer.ckpt_path) if trainer.ckpt_path else
+                   {"epoch": trainer.current_epoch, "global_step": trainer.global_step}),
+                "rows": len(self._written),
                 "nodes": "all" if self._sorted is None else "the ids in node_ids.npy, row k for node_ids[k]",
                 "files": {f"{name}.npy": shape for name, shape in shapes.items()}})
             names = ", ".join(str(folder / f"{name}.npy") for name in self._staging)

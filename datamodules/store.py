@@ -12,9 +12,12 @@ A store is a directory of ``.npy`` arrays and a ``meta.json``:
 * ``train_idx``, ``val_idx``, ``test_idx`` int64, and ``split`` uint8 ``[N]`` (0 none, 1 train,
   2 val, 3 test) so a batch finds its nodes' splits without a search.
 
-Arrays are opened with ``numpy.load(mmap_mode="c")``: nothing is copied into process memory,
+Arrays are opened with ``numpy.load(mmap_mode="r")``: nothing is copied into process memory,
 and all processes on a machine (DDP ranks, DataLoader workers) share one copy in the page
-cache. Writers build the directory under a temporary name and rename it when complete (replacing a
+cache. Read-only, shared mappings: a private copy-on-write one (``mmap_mode="c"``) is charged against the
+kernel's commit limit at its full size, and the papers100M rehearsal's 28 GB feature file could not be
+mapped that way on a 24 GB host (``OSError: [Errno 12] Cannot allocate memory``). The tensors are read-only:
+nothing in the project writes into a store's arrays (a write would fault, not change the file). Writers build the directory under a temporary name and rename it when complete (replacing a
 store swaps the directories atomically), so an interrupted conversion never leaves a store that opens
 and the path always holds a complete store.
 """
@@ -32,7 +35,7 @@ from torch import Tensor
 from difformer_lightning.contracts import SPLITS
 from difformer_lightning.graph import edge_targets
 
-from difformer_lightning.io import atomic_file
+from difformer_lightning.io import atomic_file, read_only_tensor
 from difformer_lightning.progress import Progress
 
 from .csr import count_self_loops, write_csr
@@ -120,7 +123,7 @@ class GraphStore:
         path = Path(path)
         meta = read_meta(path)
         arrays = {name: _map_array(path, name, spec) for name, spec in meta["arrays"].items()}
-        store = cls(path=path, meta=meta, **{name: torch.from_numpy(a) for name, a in arrays.items()})
+        store = cls(path=path, meta=meta, **{name: read_only_tensor(a) for name, a in arrays.items()})
         if validate == "full" or (validate and meta.get(VALIDATED) != fingerprint(path, meta)):
             store.meta["self_loops"] = validate_store(store)
             record_validated(path, store.meta["self_loops"])
@@ -209,7 +212,7 @@ def _map_array(path: Path, name: str, spec: dict) -> np.ndarray:
         raise StoreError(f"{file} has {file.stat().st_size} bytes but meta.json records {spec['bytes']}: the file is "
                          f"truncated or from another store; rebuild the store")
     try:
-        array = np.load(file, mmap_mode="c")
+        array = np.load(file, mmap_mode="r")  # shared and read-only: see the module's docstring
     except ValueError as error:
         raise StoreError(f"{file} is not a readable .npy array ({error}); rebuild the store") from error
     if str(array.dtype) != spec["dtype"] or list(array.shape) != spec["shape"]:

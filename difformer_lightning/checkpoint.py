@@ -169,7 +169,7 @@ def _hparam_differences(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any
     # Not compared: options that do not change results, and the module's class path when the
     # checkpoint predates saving it (train.py took only NodeClassifier then).
     ignored = RUNTIME_OPTIONS | OPTIMIZER_OPTIONS | ({"_class_path"} if "_class_path" not in saved else set())
-    for key in sorted(OPTIMIZER_OPTIONS):
+    for key in sorted(OPTIMIZER_OPTIONS) if fitting else ():  # evaluating: the optimiser plays no part
         if key in saved and key in current and saved[key] != current[key]:
             rank_zero_info(f"model.{key} changes from {saved[key]!r} (the checkpoint's) to {current[key]!r}")
     keys = sorted(key for key in (saved.keys() | current.keys()) - ignored if not key.startswith(tuple(as_objects)))
@@ -196,6 +196,17 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def _shape(tensor: Optional[torch.Tensor]) -> str:
     return "absent" if tensor is None else str(list(tensor.shape))
+
+
+def checkpoint_position(path) -> Dict[str, Optional[int]]:
+    """``{"epoch", "global_step"}`` a checkpoint file was written at (``None`` where it does not say), read
+    without its tensors (memory-mapped): ``predict``/``test`` restore only the weights, so the Trainer's own
+    counters stay 0 and do not say which state was evaluated."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001  a file Lightning reports properly when it loads it
+        return {"epoch": None, "global_step": None}
+    return {"epoch": saved.get("epoch"), "global_step": saved.get("global_step")}
 
 
 def gather_ranks(state: Any) -> List[Any]:

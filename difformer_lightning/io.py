@@ -105,3 +105,18 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def read_only_tensor(array):
+    """``torch.from_numpy`` of a read-only memory-mapped array (``numpy.load(..., mmap_mode="r")``), without
+    torch's warning that it does not support non-writable arrays: shared read-only mappings are how this
+    project maps large files (a private copy-on-write one is charged against the kernel's commit limit at its
+    full size: a 28 GB store array or 76 GB of logits cannot be mapped that way on a smaller host), and nothing
+    writes into these tensors (a write would fault, not change the file)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

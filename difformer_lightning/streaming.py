@@ -51,7 +51,7 @@ from torch import Tensor
 from .attention import LinearAttentionStats, sigmoid_rows_per_block
 from .contracts import GraphSource
 from .graph import NormalizedGraph, accumulation_dtype, edge_targets, gcn_degree
-from .io import publish, staging_path
+from .io import publish, read_only_tensor, staging_path
 from .model import DIFFormer
 from .progress import Progress
 
@@ -780,6 +780,6 @@ def layerwise_inference(model: DIFFormer, source: GraphSource, chunk_nodes: int 
         logits.flush()
         del logits
         publish(staging, out)
-        return torch.from_numpy(np.load(out, mmap_mode="c"))
+        return read_only_tensor(np.load(out, mmap_mode="r"))
     finally:
         scratch.close()

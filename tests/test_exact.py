@@ -261,6 +261,8 @@ def test_full_batch_data_writes_the_same_prediction_files(tmp_path):
                                atol=1e-5)
     manifest = json.loads((run_dir / "predictions" / "predictions.json").read_text())
     assert manifest["checkpoint"] == str(checkpoint) and manifest["rows"] == 600 and manifest["nodes"] == "all"
+    # the state it predicts with, not the predicting Trainer's counters (0: predict restores only weights)
+    assert (manifest["epoch"], manifest["global_step"]) == (1, 2)
     assert manifest["files"] == {"logits.npy": [600, 5]}
     # a second predict with embeddings, a dead writer's staging file; then one without: nothing of the
     # earlier set stays, the dead writer's file is gone

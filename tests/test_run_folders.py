@@ -196,3 +196,36 @@ def test_a_failed_start_leaves_no_folder_and_evaluation_logs_apart_from_the_fits
         "eval/test/version_0/metrics.csv", "logs/version_0/metrics.csv"]  # the failed test left no log folder
     assert sorted(logged_epochs(run)) == [0, 1] and "test/acc" in (run / "eval" / "test" / "version_0" /
                                                                   "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_resuming_with_a_lower_learning_rate_continues_the_run_and_updates_its_settings(tmp_path):
+    """The resume rule (a lower lr after a divergence) also with --ckpt_path last: the run continues, says the
+    change, and its run.yaml follows, so evaluating with the new settings finds it and no lr line is printed."""
+    train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", *QUIET)
+    output = train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "3", "--model.lr", "0.005",
+                      "--ckpt_path", "last", *QUIET)
+    run = tmp_path / "runs" / "synthetic"
+    assert f"--ckpt_path last: continuing {Path('runs', 'synthetic')}, the newest run of this preset with these " \
+           f"settings (but for its lr or weight decay)" in output
+    assert "continuing with model.lr 0.01 -> 0.005" in output and "Restored all states" in output
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["synthetic"] and max(logged_epochs(run)) == 2
+    assert "lr: 0.005" in (run / "run.yaml").read_text()
+    output = train_py(tmp_path, "test", "--config", CONFIG, "--model.lr", "0.005", *QUIET)
+    assert "evaluating" in output and "changes from" not in output
+
+
+def test_differences_between_runs_name_a_changed_class_once():
+    from train import settings_differences
+    adamw = "optimizer:\n  class_path: torch.optim.AdamW\n  init_args: {lr: 0.01, amsgrad: false}\nmodel: {lr: 0.01}\n"
+    assert settings_differences(adamw, "model: {lr: 0.01}\n") == ["optimizer.class_path: 'torch.optim.AdamW' there, "
+                                                                   "'<not set>' here"]
+    assert settings_differences(adamw, adamw.replace("lr: 0.01, amsgrad", "lr: 0.02, amsgrad")) == [
+        "optimizer.lr: 0.01 there, 0.02 here"]
+
+
+def test_channels_set_by_hand_are_refused_as_they_come_from_the_data(tmp_path):
+    result = run_py(tmp_path, "fit", "--config", CONFIG, "--model.encoder.init_args.in_channels", "32", *QUIET)
+    assert result.returncode != 0
+    assert ("--model.encoder.init_args.in_channels is set from the data (its num_features); remove it"
+            in result.stderr.strip().splitlines()[-1]), result.stderr[-1500:]

@@ -103,3 +103,21 @@ def test_the_full_check_counts_self_loops_and_the_exact_pass_skips_its_degree_re
         scratch.close()
     assert store.self_loops is None
     assert torch.equal(states[0], states[1])
+
+
+def test_a_store_array_larger_than_the_hosts_memory_is_mapped(tmp_path):
+    """papers100M's 28 GB feature file could not be mapped copy-on-write on the 24 GB rehearsal host (ENOMEM: a
+    private mapping is charged against the commit limit at its full size); a store maps its arrays shared and
+    read-only. A sparse file twice this host's memory (no disk used) stands in for it."""
+    import numpy as np
+    from datamodules.store import _map_array
+    from difformer_lightning.io import read_only_tensor
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rows = 2 * memory // (128 * 2) + 1
+    path = tmp_path / "x.npy"
+    created = np.lib.format.open_memmap(path, "w+", np.float16, (rows, 128))  # sparse: a hole, not written data
+    del created
+    spec = {"dtype": "float16", "shape": [rows, 128], "bytes": path.stat().st_size}
+    tensor = read_only_tensor(_map_array(tmp_path, "x", spec))
+    assert tensor.shape == (rows, 128) and float(tensor[-1, -1]) == 0.0
+    path.unlink()
