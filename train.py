@@ -44,6 +44,12 @@ from difformer_lightning.contracts import check_data_module
 from difformer_lightning.io import atomic_file
 
 RUNS = "runs"
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given (an option out of range, settings no run has, a model for other
+    data): raised before any data is loaded or any process started. Run as a script, ``train.py`` prints its
+    message as ``train.py: error: ...`` and exits with 2, as for a bad argument, without a traceback."""
 # ckpt_path values Lightning resolves itself ("last": newest last*.ckpt in the checkpoint folder,
 # or a fresh start with a warning when there is none yet, so a requeued job can always pass it).
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -73,7 +79,7 @@ class DIFFormerCLI(LightningCLI):
         for name, source in (("in_channels", "num_features"), ("out_channels", "num_outputs")):
             if any(arg in getattr(self, "_given", []) for arg in (f"--model.encoder.init_args.{name}",
                                                                    f"--model.init_args.encoder.init_args.{name}")):
-                raise ValueError(f"--model.encoder.init_args.{name} is set from the data (its {source}); remove it "
+                raise UsageError(f"--model.encoder.init_args.{name} is set from the data (its {source}); remove it "
                                  f"from the command line (a data module of your own sets {source})")
         if trainer.default_root_dir == RUNS:  # not chosen by the user: one run, one folder
             name = Path(str(config.config[-1])).stem if config.get("config") else "run"
@@ -131,7 +137,7 @@ class DIFFormerCLI(LightningCLI):
             reason = union_error_reason(str(error))
             if reason is None:
                 raise
-            raise ValueError(reason) from None
+            raise UsageError(reason) from None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the run's Checkpoint (unless ``--trainer.enable_checkpointing false``) and
@@ -185,7 +191,7 @@ def one_learning_rate(config, given: List[str]) -> None:
             or arguments[key] != default
         model_set = f"--model.{key}" in given or f"--model.init_args.{key}" in given
         if optimizer_set and model_set and arguments[key] != model[key]:
-            raise ValueError(f"--model.{key} {model[key]} and --optimizer.{key} {arguments[key]} disagree: give the "
+            raise UsageError(f"--model.{key} {model[key]} and --optimizer.{key} {arguments[key]} disagree: give the "
                              f"{key} once (--optimizer.{key} when naming an optimiser)")
         if optimizer_set and not model_set:
             model[key] = arguments[key]
@@ -215,7 +221,7 @@ def check_validation_schedule(every_n_epochs, max_epochs, limit_val_batches) -> 
     if every_n_epochs is None:
         return
     if every_n_epochs < 1:
-        raise ValueError(f"--trainer.check_val_every_n_epoch must be >= 1 (validate every that many epochs), got "
+        raise UsageError(f"--trainer.check_val_every_n_epoch must be >= 1 (validate every that many epochs), got "
                          f"{every_n_epochs}; to train without validation pass --trainer.limit_val_batches 0")
     if max_epochs is not None and max_epochs >= 0 and every_n_epochs > max_epochs and limit_val_batches != 0:
         rank_zero_warn(f"--trainer.check_val_every_n_epoch {every_n_epochs} is above --trainer.max_epochs {max_epochs}: "
@@ -256,7 +262,7 @@ def check_devices(accelerator, devices) -> None:
         return
     if uses_gpu and wanted > torch.cuda.device_count():
         available = torch.cuda.device_count()
-        raise ValueError(f"--trainer.devices {devices} asks for {wanted} GPU devices but this machine has "
+        raise UsageError(f"--trainer.devices {devices} asks for {wanted} GPU devices but this machine has "
                          f"{available} GPUs; use --trainer.devices {available} or fewer (-1 takes all of them)")
     if not uses_gpu and accelerator in ("cpu", "auto") and wanted > (os.cpu_count() or 1):
         rank_zero_warn(f"--trainer.devices {devices} starts {wanted} CPU processes on {os.cpu_count()} cores: they "
@@ -406,7 +412,7 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
     elif same:
         folder = same[-1]
     elif existing:
-        raise ValueError(f"{subcommand}: no run of this preset has these settings, and evaluating another run's "
+        raise UsageError(f"{subcommand}: no run of this preset has these settings, and evaluating another run's "
                          f"checkpoint would report a number these settings did not produce. The runs and what "
                          f"differs:\n{_describe_candidates(existing, settings)}\nPass the settings of the run to "
                          f"evaluate, its folder (--trainer.default_root_dir), or a checkpoint (--ckpt_path FILE).")
@@ -478,7 +484,7 @@ def check_model_for_data(model_path: str, data_path: str) -> None:
     regression_data = getattr(data_class, "task_family", "classification") == "regression"
     if issubclass(_import(model_path), NodeRegressor) != regression_data:
         kind, wanted = ("regression", "NodeRegressor") if regression_data else ("classification", "NodeClassifier")
-        raise ValueError(f"{data_path} is a {kind} task but the model is {model_path}: "
+        raise UsageError(f"{data_path} is a {kind} task but the model is {model_path}: "
                          f"use --model difformer_lightning.{wanted} (or model.class_path in the config)")
 
 
@@ -569,4 +575,8 @@ def main(args=None, **kwargs) -> DIFFormerCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:
+        sys.stderr.write(f"train.py: error: {error}\n")
+        raise SystemExit(2) from None

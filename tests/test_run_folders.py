@@ -144,8 +144,9 @@ def test_evaluating_settings_no_run_has_lists_the_runs_and_what_differs(tmp_path
     """The newest run of a preset is not evaluated for other settings: its number is not theirs."""
     train_py(tmp_path, "fit", "--config", CONFIG, "--trainer.max_epochs", "2", *QUIET)
     refused = run_py(tmp_path, "test", "--config", CONFIG, "--model.lr", "0.005", *QUIET)
-    assert refused.returncode != 0 and "Testing" not in refused.stdout
-    assert "test: no run of this preset has these settings" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "Testing" not in refused.stdout
+    assert "train.py: error: test: no run of this preset has these settings" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr  # a usage error: the message, as for a bad argument
     assert f"  {Path('runs', 'synthetic')}: model.lr: 0.01 there, 0.005 here" in refused.stderr
     # where the data lives (the root; $DIFFORMER_DATA when it is not given) does not make another run
     output = train_py(tmp_path, "test", "--config", CONFIG, "--data.init_args.root", str(tmp_path / "elsewhere"), *QUIET)
