@@ -11,7 +11,8 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torchmetrics import MeanMetric
 
-from .checkpoint import DATA_SLOT, OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict, restore_rng_state
+from .checkpoint import (DATA_SLOT, OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict,
+                         restore_rng_state)
 from .contracts import ExactEvaluationPlan, NodeRows, check_batch, check_data_module
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
@@ -74,8 +75,8 @@ class EncoderModule(pl.LightningModule):
         self._exact_plan: Optional[ExactEvaluationPlan] = None
         self._exact: Optional[ExactStates] = None
         self._scratch: Optional[Scratch] = None
-        self._checked_batches: set = set()
-        self._restored_optimizer_options: Optional[Dict[str, float]] = None  # the checkpoint's lr, weight decay  # the stages whose first batch was checked against the contract
+        self._checked_batches: set = set()  # the stages whose first batch was checked against the contract
+        self._restored_optimizer_options: Optional[Dict[str, float]] = None  # the checkpoint's lr, weight decay
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder:
