@@ -39,7 +39,8 @@ from callbacks import Checkpoint, NonFiniteGuard, PredictionWriter
 from callbacks.checkpoint import BEST
 from difformer_lightning import NodeRegressor
 from difformer_lightning.allocator import keep_freed_memory
-from difformer_lightning.checkpoint import OPTIMIZER_OPTIONS, AtomicCheckpointIO, checkpoint_position, check_checkpoint_content, check_checkpoint_file
+from difformer_lightning.checkpoint import (OPTIMIZER_OPTIONS, AtomicCheckpointIO, check_checkpoint_content,
+                                           check_checkpoint_file, checkpoint_position)
 from difformer_lightning.contracts import check_data_module
 from difformer_lightning.io import atomic_file
 
@@ -540,7 +541,8 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     for message in (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                    r"`\w+\.configure_optimizers` will be overridden by",  # --optimizer: what it is for (README, "Optimiser and schedule")
+                    # --optimizer: what it is for (README, "Optimiser and schedule")
+                    r"`\w+\.configure_optimizers` will be overridden by",
                     r"(?s).*skip_none parameter was deprecated",
                     r"(?s).*``instantiate_classes`` was deprecated", r"(?s).*By default only one JsonargparseDeprecation"):
         warnings.filterwarnings("ignore", message=message)
