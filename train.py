@@ -318,9 +318,13 @@ def setting_changes(saved: str, current: str) -> List[Tuple[str, object, object]
             if not any(key.startswith(group + ".") and key != group + ".class_path" for group in other_class)]
 
 
+def _phrases(changes: List[Tuple[str, object, object]]) -> List[str]:
+    return [f"{key}: {there!r} there, {here!r} here" for key, there, here in changes]
+
+
 def settings_differences(saved: str, current: str) -> List[str]:
     """:func:`setting_changes` as phrases: ``"model.lr: 0.005 there, 0.01 here"``."""
-    return [f"{key}: {there!r} there, {here!r} here" for key, there, here in setting_changes(saved, current)]
+    return _phrases(setting_changes(saved, current))
 
 
 def is_optimizer_setting(key: str) -> bool:
@@ -335,24 +339,18 @@ def _changes(folder: Path, settings: str) -> List[Tuple[str, object, object]]:
     return setting_changes(path.read_text(), settings) if path.is_file() else [(SETTINGS, "<missing>", "")]
 
 
-def _differences(folder: Path, settings: str) -> List[str]:
-    path = folder / SETTINGS
-    return settings_differences(path.read_text(), settings) if path.is_file() else [f"no {SETTINGS}"]
-
-
 def _describe_candidates(folders: List[Path], settings: str, limit: int = 5) -> str:
     lines = []
     for folder in reversed(folders[-limit:]):
-        differences = _differences(folder, settings)
+        differences = _phrases(_changes(folder, settings))
         lines.append(f"  {folder}: {'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}")
     more = f"\n  (and {len(folders) - limit} older)" if len(folders) > limit else ""
     return "\n".join(lines) + more
 
 
-def _continue_with_changes(folder: Path, settings: str) -> None:
-    """A fit continuing ``folder`` with another lr or weight decay (the resume rule): ``run.yaml`` takes the new
-    settings, so that test/predict with them find this run; said with the change."""
-    changes = _changes(folder, settings)
+def _continue_with_changes(folder: Path, settings: str, changes: List[Tuple[str, object, object]]) -> None:
+    """A fit continuing ``folder`` with another lr or weight decay (``changes``, the resume rule): ``run.yaml``
+    takes the new settings, so that test/predict with them find this run; said with the change."""
     if changes:
         with atomic_file(folder / SETTINGS, "w") as handle:
             handle.write(settings)
@@ -396,14 +394,14 @@ def run_folder(base: Path, settings: str, subcommand: Optional[str], ckpt_path: 
         folder = next((f for f in existing if f.resolve() == owner), owner if subcommand != "fit" else None)
         if folder is not None:
             if subcommand == "fit" and folder in resumable:
-                _continue_with_changes(folder, settings)
+                _continue_with_changes(folder, settings, changes[folder])
             os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{folder.resolve()}"
             return folder
     if subcommand == "fit" and ckpt_path == "last" and resumable:
         folder = resumable[-1]
         rank_zero_info(f"--ckpt_path last: continuing {folder}, the newest run of this preset with these settings"
                        + (" (but for its lr or weight decay)" if changes[folder] else ""))
-        _continue_with_changes(folder, settings)
+        _continue_with_changes(folder, settings, changes[folder])
     elif subcommand == "fit":
         folder = _new_run_folder(candidates, settings)
         if ckpt_path == "last":
