@@ -308,15 +308,16 @@ class RandomPartitionDataModule(ClassificationTargets, GraphDataModule):
         num_nodes, kernel = self.store.num_nodes, encoder.kernel
         exact = self.evaluation != "partition"
         reason = "evaluation='partition'" if not exact else "every node's full-graph output"
-        if exact and kernel == "sigmoid":
+        if exact and kernel.quadratic_cost:
             flops = encoder.exact_evaluation_flops(num_nodes)
+            title = kernel.title or kernel.qualified_name()
             if self.evaluation is None:
                 exact = False
-                reason = (f"DIFFormer-a's exact pass costs O(N^2), about {flops:.2e} FLOPs here: pass "
+                reason = (f"{title}'s exact pass costs O(N^2), about {flops:.2e} FLOPs here: pass "
                           f"evaluation='exact' (and exact_budget_flops >= that) to evaluate every node exactly")
             elif flops > self.exact_budget_flops:
                 exact = False
-                reason = (f"DIFFormer-a's exact pass would cost about {flops:.2e} FLOPs, above exact_budget_flops="
+                reason = (f"{title}'s exact pass would cost about {flops:.2e} FLOPs, above exact_budget_flops="
                           f"{self.exact_budget_flops:.2e}; raise the budget to evaluate exactly")
         machines = self.trainer.num_nodes if self.trainer is not None else 1
         if exact and machines > 1 and self.scratch_dir is None:

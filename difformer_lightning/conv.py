@@ -1,24 +1,13 @@
 """One DIFFormer diffusion layer."""
-from typing import Literal, Optional, Tuple, get_args
+from typing import Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import (QKNorm, LinearAttentionStats, edge_attention, linear_attention, sigmoid_attention,
-                        sigmoid_rows_per_block, sigmoid_sums)
-from .fused import fused_linear_diffusion
+from .attention import QKNorm
 from .graph import NormalizedGraph, accumulation_dtype, graph_term_weights
-
-Kernel = Literal["simple", "sigmoid", "gcn", "gat", "none"]
-KERNELS = get_args(Kernel)
-# Kernels whose diffusion covers all pairs of nodes; the graph term is added to them.
-GLOBAL_KERNELS = ("simple", "sigmoid")
-
-
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(map(repr, choices))}")
+from .kernels import DiffusionKernel, kernel_class
 
 
 class DIFFormerConv(nn.Module):
@@ -30,84 +19,95 @@ class DIFFormerConv(nn.Module):
     .. math::
         \mathbf{c} = \frac{1}{H} \sum_h \Big[(1 - w)\, S^{(h)} V^{(h)} + w\, \hat{A} V^{(h)}\Big]
 
-    where :math:`S` is chosen by ``kernel``:
+    where :math:`S` is the layer's ``kernel``, a :class:`~.kernels.DiffusionKernel` (see :mod:`.kernels`):
 
     * ``'simple'`` (DIFFormer-s): :math:`S_{nl} \propto 1 + \tilde{q}_n^\top \tilde{k}_l`
-      over all pairs, computed in linear cost (see :func:`linear_attention`);
+      over all pairs, computed in linear cost;
     * ``'sigmoid'`` (DIFFormer-a): :math:`S_{nl} \propto \sigma(q_n^\top k_l)` over all
-      pairs, computed in row blocks (see :func:`sigmoid_attention`);
+      pairs, computed in row blocks;
     * ``'gcn'``: :math:`S = \hat{A}`, diffusion along observed edges only;
     * ``'gat'``: :math:`S` is GAT attention over observed edges;
-    * ``'none'``: :math:`S = I`, no diffusion (an MLP).
+    * ``'none'``: :math:`S = I`, no diffusion (an MLP);
+    * a class path ``'package.module.Class'``: a kernel of your own.
 
-    The graph term :math:`\hat{A} V` (:math:`\hat{A} = D^{-1/2}(A+I)D^{-1/2}`) is added to the
-    all-pairs kernels when ``use_graph``: with ``graph_weight <= 0`` as a plain sum
+    The layer owns the projections (:math:`W_q, W_k` when the kernel is all-pairs, :math:`W_v`), the kernel
+    its own parameters. The graph term :math:`\hat{A} V` (:math:`\hat{A} = D^{-1/2}(A+I)D^{-1/2}`) is added to
+    the all-pairs kernels when ``use_graph``: with ``graph_weight <= 0`` as a plain sum
     (:math:`S V + \hat{A} V`), otherwise mixed with weight :math:`w`. The local kernels
     (``'gcn'``, ``'gat'``, ``'none'``) are defined by the graph or its absence, so
     ``use_graph`` and ``graph_weight`` do not apply to them.
 
     The layer is exposed as the pieces every executor composes (:meth:`forward` in memory, the
-    streamed forward of :mod:`.streaming` chunk by chunk): :meth:`project`, the kernel's global part
-    (:meth:`statistics` and :meth:`attend` for ``'simple'``, :meth:`sigmoid_sums` for ``'sigmoid'``),
-    :meth:`local` (the graph term, or the ``'gcn'``/``'gat'`` diffusion) and :meth:`combine`.
+    streamed forward of :mod:`.streaming` chunk by chunk): :meth:`project`, the kernel's all-pairs
+    term (``kernel.attention``, or streamed ``kernel.summarize`` / ``kernel.attend``), :meth:`local` (the
+    graph term, or the local kernel's diffusion) and :meth:`combine`.
 
     Args:
         in_channels: size of each input row.
         out_channels: size of each head's output (equal to ``in_channels`` when
             ``use_weight=False``).
         num_heads: number of heads, averaged at the end.
-        kernel: the diffusivity, see above.
+        kernel: the diffusivity, see above: a name, a class path or a :class:`~.kernels.DiffusionKernel`
+            subclass.
         use_graph: add the graph term to an all-pairs kernel.
         graph_weight: mixing weight of the graph term; ``<= 0`` sums the terms.
         use_weight: project V with a linear map; otherwise V is the input itself.
         qk_norm: ``'frobenius'`` (reference code) or ``'row'`` (paper), DIFFormer-s only.
         sigmoid_block_bytes: memory budget of one row block of DIFFormer-a.
+
+    Raises:
+        ValueError: an unknown kernel or option, or ``use_weight=False`` with ``in_channels != out_channels``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_heads: int = 1, kernel: Kernel = "simple",
-                 use_graph: bool = True, graph_weight: float = -1.0, use_weight: bool = True,
-                 qk_norm: QKNorm = "frobenius", sigmoid_block_bytes: int = 2**30) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_heads: int = 1,
+                 kernel: Union[str, Type[DiffusionKernel]] = "simple", use_graph: bool = True,
+                 graph_weight: float = -1.0, use_weight: bool = True, qk_norm: QKNorm = "frobenius",
+                 sigmoid_block_bytes: int = 2**30) -> None:
         super().__init__()
-        check_choice("kernel", kernel, KERNELS)
-        check_choice("qk_norm", qk_norm, get_args(QKNorm))
+        kind = kernel_class(kernel)
         if not use_weight and in_channels != out_channels:
             raise ValueError(f"use_weight=False takes V = input, so in_channels ({in_channels}) must equal "
                              f"out_channels ({out_channels})")
         self.in_channels, self.out_channels, self.num_heads = in_channels, out_channels, num_heads
-        self.kernel, self.use_weight, self.qk_norm = kernel, use_weight, qk_norm
-        self.use_graph = use_graph and kernel in GLOBAL_KERNELS
+        self.use_weight = use_weight
+        self.use_graph = use_graph and kind.all_pairs
         self.graph_weight = graph_weight
-        self.sigmoid_block_bytes = sigmoid_block_bytes
+        # registered before the projections: the parameters keep 0.1.0's order (GAT's attention vectors first, as
+        # the layer's own parameters were), so an optimiser state saved then maps onto them by position
+        self.kernel = kind.build(out_channels, num_heads, qk_norm=qk_norm, sigmoid_block_bytes=sigmoid_block_bytes)
         width = out_channels * num_heads
-        self.query = nn.Linear(in_channels, width) if kernel in GLOBAL_KERNELS else None
-        self.key = nn.Linear(in_channels, width) if kernel in GLOBAL_KERNELS else None
+        self.query = nn.Linear(in_channels, width) if kind.all_pairs else None
+        self.key = nn.Linear(in_channels, width) if kind.all_pairs else None
         self.value = nn.Linear(in_channels, width) if use_weight else None
-        self.att_source = nn.Parameter(torch.empty(num_heads, out_channels)) if kernel == "gat" else None
-        self.att_target = nn.Parameter(torch.empty(num_heads, out_channels)) if kernel == "gat" else None
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         self.reset_parameters()
 
     @property
     def needs_graph(self) -> bool:
-        return self.use_graph or self.kernel in ("gcn", "gat")
+        return self.use_graph or self.kernel.needs_graph
 
     @property
     def needs_edge_list(self) -> bool:
         """Whether :meth:`local` reads the graph's edges one by one (GAT's attention over them), not only
         through :meth:`NormalizedGraph.propagate`."""
-        return self.kernel == "gat"
+        return self.kernel.needs_graph and self.kernel.reads_edge_list
 
     def reset_parameters(self) -> None:
         for lin in (self.query, self.key, self.value):
             if lin is not None:
                 lin.reset_parameters()
-        for att in (self.att_source, self.att_target):
-            if att is not None:
-                nn.init.xavier_uniform_(att)
+        self.kernel.reset_parameters()
 
     def check_fits(self, num_nodes: int) -> None:
-        """Raises before any work if DIFFormer-a cannot process ``num_nodes`` nodes at once."""
-        if self.kernel == "sigmoid":
-            sigmoid_rows_per_block(num_nodes, self.num_heads, self.sigmoid_block_bytes)
+        """Raises before any work if the kernel cannot process ``num_nodes`` nodes at once."""
+        self.kernel.check_fits(num_nodes)
+
+    def exact_evaluation_flops(self, num_nodes: int) -> float:
+        """An estimate of the floating-point operations of this layer over ``num_nodes`` nodes: the projections
+        (Q, K and V for an all-pairs kernel, V otherwise) and the kernel's own (the edges' cost not counted)."""
+        projections = 3 if self.kernel.all_pairs else 1
+        return (float(num_nodes) * 2 * self.in_channels * self.num_heads * self.out_channels * projections
+                + self.kernel.exact_evaluation_flops(num_nodes))
 
     def forward(self, x: Tensor, graph: Optional[NormalizedGraph] = None, batch: Optional[Tensor] = None) -> Tensor:
         """Maps ``x`` [N, in_channels] to [N, out_channels].
@@ -116,14 +116,14 @@ class DIFFormerConv(nn.Module):
         ``needs_graph``; :class:`DIFFormer` builds it once for all its layers. ``batch``
         (sorted graph ids) keeps the global attention within each graph. DIFFormer-s on one
         graph with the reference's normalisation runs through :mod:`.fused` (the same function
-        with a hand-written backward); every other case through autograd on :meth:`project`,
-        the kernel, :meth:`local` and :meth:`combine`.
+        with a hand-written backward: ``kernel.fuses``); every other case through autograd on
+        :meth:`project`, the kernel, :meth:`local` and :meth:`combine`.
         """
         if self.needs_graph and graph is None:
-            raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph: "
-                             f"pass edge_index, or use use_graph=False / a kernel without a graph")
-        if self.kernel == "simple" and self.qk_norm == "frobenius" and batch is None:
-            return self._fused_simple(x, graph)
+            raise ValueError(f"DIFFormerConv(kernel={self.kernel.qualified_name()!r}, use_graph={self.use_graph}) "
+                             f"needs a graph: pass edge_index, or use use_graph=False / a kernel without a graph")
+        if self.kernel.fuses(batch):
+            return self._fused(x, graph)
         value, attention, local = self.terms(x, graph, batch)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.combine(value, attention, local)
@@ -131,19 +131,15 @@ class DIFFormerConv(nn.Module):
     def terms(self, x: Tensor, graph: Optional[NormalizedGraph] = None, batch: Optional[Tensor] = None
               ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The parts :meth:`combine` mixes, each ``[N, H, out_channels]``: the values, the all-pairs
-        term (``None`` for the local kernels) and the output of :meth:`local` (``None`` without a graph),
+        term (``None`` for the local kernels) and the output of :meth:`local` (``None`` without a graph term),
         in float32 (float64 stays float64). Arguments as :meth:`forward`."""
         if self.needs_graph and graph is None:
-            raise ValueError(f"DIFFormerConv(kernel={self.kernel!r}, use_graph={self.use_graph}) needs a graph")
+            raise ValueError(f"DIFFormerConv(kernel={self.kernel.qualified_name()!r}, use_graph={self.use_graph}) "
+                             f"needs a graph")
         query, key, value = self.project(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.kernel == "simple":
-                attention = linear_attention(query, key, value, self.qk_norm, batch)
-            elif self.kernel == "sigmoid":
-                attention = sigmoid_attention(query, key, value, self.sigmoid_block_bytes, batch)
-            else:
-                attention = None
-            local = self.local(graph, value, value) if self.needs_graph else None
+            attention = self.kernel.attention(query, key, value, batch) if self.kernel.all_pairs else None
+            local = self.local(graph, value, value)
         return value, attention, local
 
     def project(self, x: Tensor, parts: str = "qkv") -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
@@ -163,39 +159,22 @@ class DIFFormerConv(nn.Module):
         dtype = accumulation_dtype(next(t.dtype for t in out if t is not None))
         return tuple(None if t is None else t.to(dtype) for t in out)
 
-    def statistics(self, query: Tensor, key: Tensor, value: Tensor) -> LinearAttentionStats:
-        """DIFFormer-s: the global sums over the nodes of ``query``, ``key``, ``value`` ``[N, H, D]``
-        (one graph, or one chunk of it; chunks' statistics add up)."""
-        return LinearAttentionStats.of(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), self.qk_norm)
-
-    def attend(self, query: Tensor, stats: LinearAttentionStats) -> Tensor:
-        """DIFFormer-s attention ``[N, H, D]`` of ``query`` ``[N, H, D]`` over the nodes of ``stats``."""
-        return stats.attend(query.unsqueeze(0), self.qk_norm)[0]
-
-    def sigmoid_sums(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
-        """DIFFormer-a: numerator ``[B, H, D]`` and denominator ``[B, H, 1]`` of ``query`` ``[B, H, D]``
-        against the keys and values ``[L, H, D]`` of one chunk of nodes (chunks' sums add up)."""
-        numerator, denominator = sigmoid_sums(*(t.transpose(0, 1) for t in (query, key, value)))
-        return numerator.transpose(0, 1), denominator.transpose(0, 1)
-
-    def local(self, graph: NormalizedGraph, source_value: Tensor, target_value: Tensor) -> Tensor:
-        """The diffusion along the graph, ``[T, H, D]``: :math:`\\hat{A} V` (the graph term, and
-        ``'gcn'``), or GAT attention over each target's in-edges (``'gat'``). ``graph`` holds rows of
-        :math:`\\hat{A}` (all of them, or a block of targets), ``source_value`` ``[S, H, D]`` the values of
-        its columns, ``target_value`` ``[T, H, D]`` those of its rows (used by ``'gat'``, and by a block of
-        :meth:`NormalizedGraph.row_block` for its self loops)."""
-        if self.kernel == "gat":
-            return edge_attention(source_value[graph.source], target_value, graph.target,
-                                  self.att_source.to(source_value.dtype), self.att_target.to(source_value.dtype))
-        return graph.propagate(source_value, target_value)
+    def local(self, graph: Optional[NormalizedGraph], source_value: Tensor, target_value: Tensor
+              ) -> Optional[Tensor]:
+        r"""The local part, ``[T, H, D]``: a local kernel's diffusion (``kernel.propagate``), or for an all-pairs
+        kernel the graph term :math:`\hat{A} V` (``None`` without ``use_graph``). ``graph`` holds rows of
+        :math:`\hat{A}` (all of them, or a block of targets; ``None`` when not :attr:`needs_graph`),
+        ``source_value`` ``[S, H, D]`` the values of its columns, ``target_value`` ``[T, H, D]`` those of its rows
+        (read by GAT, by a block of :meth:`NormalizedGraph.row_block` for its self loops, and by ``'none'``)."""
+        if not self.kernel.all_pairs:
+            return self.kernel.propagate(graph, source_value, target_value)
+        return graph.propagate(source_value, target_value) if self.use_graph else None
 
     def combine(self, value: Tensor, attention: Optional[Tensor], local: Optional[Tensor]) -> Tensor:
         """The layer's output ``[N, out_channels]``: the kernel's diffusion mixed with the graph term
         (:func:`~.graph.graph_term_weights`), averaged over heads. ``attention`` is the all-pairs term
-        (``None`` for the local kernels), ``local`` the output of :meth:`local` (``None`` without graph)."""
-        if self.kernel == "none":
-            out = value
-        elif self.kernel in ("gcn", "gat"):
+        (``None`` for the local kernels), ``local`` the output of :meth:`local`."""
+        if not self.kernel.all_pairs:
             out = local
         elif self.use_graph:
             attention_weight, local_weight = graph_term_weights(self.graph_weight)
@@ -204,18 +183,39 @@ class DIFFormerConv(nn.Module):
             out = attention
         return out[:, 0] if self.num_heads == 1 else out.mean(dim=1)  # one head: a view, not a copy
 
-    def _fused_simple(self, x: Tensor, graph: Optional[NormalizedGraph]) -> Tensor:
-        """DIFFormer-s on one graph (the reference's normalisation): one input projection for
-        Q, K and V, then :func:`fused_linear_diffusion`, the same function at a fraction of the
-        memory traffic."""
+    def _fused(self, x: Tensor, graph: Optional[NormalizedGraph]) -> Tensor:
+        """The kernel's fused form (DIFFormer-s on one graph, the reference's normalisation): one input
+        projection for Q, K and V, then ``kernel.fused``, the same function at a fraction of the memory
+        traffic."""
         projections = [self.query, self.key] + ([self.value] if self.use_weight else [])
         projected = F.linear(x, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         dtype = accumulation_dtype(projected.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             value = None if self.use_weight else x.to(dtype)
-            return fused_linear_diffusion(projected.to(dtype), self.num_heads, graph if self.use_graph else None,
-                                          self.graph_weight, value)
+            return self.kernel.fused(projected.to(dtype), value, graph if self.use_graph else None,
+                                     self.graph_weight)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.num_heads}, "
-                f"kernel={self.kernel!r}, use_graph={self.use_graph})")
+                f"kernel={self.kernel.qualified_name()!r}, use_graph={self.use_graph})")
+
+
+# 0.1.0 kept GAT's attention vectors on the layer: its checkpoints name them ``<layer>.att_source``.
+_MOVED_TO_KERNEL = ("att_source", "att_target")
+
+
+def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of :class:`DIFFormerConv` (``nn.Module.register_load_state_dict_pre_hook``):
+    renames a 0.1.0 checkpoint's ``<prefix>att_source`` to ``<prefix>kernel.att_source`` in place."""
+    for name in _MOVED_TO_KERNEL:
+        if prefix + name in state_dict and prefix + "kernel." + name not in state_dict:
+            state_dict[prefix + "kernel." + name] = state_dict.pop(prefix + name)
+
+
+def upgrade_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> None:
+    """Renames, in place, the entries a 0.1.0 checkpoint's ``state_dict`` holds under older names for every
+    :class:`DIFFormerConv` of ``model`` (whose keys start with ``prefix``): what ``load_state_dict`` does by
+    itself, for code that compares a checkpoint's names before loading it."""
+    for name, module in model.named_modules():
+        if isinstance(module, DIFFormerConv):
+            _upgrade_state_dict(module, state_dict, f"{prefix}{name}." if name else prefix)

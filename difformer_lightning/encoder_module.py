@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from .checkpoint import (DATA_SLOT, OPTIMIZER_OPTIONS, check_compatible, gather_ranks, gather_rng_states, rank_state_dict,
                          restore_rng_state)
 from .contracts import ExactEvaluationPlan, NodeRows, check_batch, check_data_module
+from .conv import upgrade_state_dict
 from .model import DIFFormer
 from .streaming import Collectives, ExactStates, PassProgress, Scratch, exact_states, scratch_layout, storage_dtype
 
@@ -237,6 +238,7 @@ class EncoderModule(pl.LightningModule):
         # Buffers (not parameters) the checkpoint lacks, as one written before they existed or by a tool that kept
         # the weights only: their initial values, said once, not Lightning's "Missing key(s)" traceback.
         saved, parameters = checkpoint.setdefault("state_dict", {}), dict(self.named_parameters())
+        upgrade_state_dict(self, saved)  # names 0.1.0 gave some weights, before they are compared
         missing = [name for name in self.state_dict() if name not in parameters and name not in saved]
         if saved and missing:
             for name in missing:

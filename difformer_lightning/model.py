@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import QKNorm
-from .conv import DIFFormerConv, Kernel
+from .conv import DIFFormerConv
 from .graph import NormalizedGraph, accumulation_dtype, graph_term_weights
+from .kernels import DiffusionKernel
 
 
 def check_edge_ids(edge_index: Tensor, num_nodes: int) -> None:
@@ -34,12 +35,13 @@ class DIFFormer(nn.Module):
     size :math:`\alpha` (the paper's :math:`\tau`); there is no non-linearity between
     steps. ``use_bn`` switches the LayerNorms (the reference's flag name),
     ``use_residual`` the :math:`\alpha` mix. ``kernel`` chooses the diffusivity, so the
-    paper's baselines are the same network: ``'none'`` (MLP), ``'gcn'``, ``'gat'``. See
+    paper's baselines are the same network: ``'none'`` (MLP), ``'gcn'``, ``'gat'``; a class path
+    (``'package.module.Class'``) names a :class:`~.kernels.DiffusionKernel` of your own. See
     :class:`DIFFormerConv` for the remaining arguments.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_layers: int = 2,
-                 num_heads: int = 1, kernel: Kernel = "simple", use_graph: bool = True, graph_weight: float = -1.0,
+                 num_heads: int = 1, kernel: str = "simple", use_graph: bool = True, graph_weight: float = -1.0,
                  alpha: float = 0.5, dropout: float = 0.0, use_bn: bool = True, use_residual: bool = True,
                  use_weight: bool = True, qk_norm: QKNorm = "frobenius", sigmoid_block_bytes: int = 2**30) -> None:
         super().__init__()
@@ -127,7 +129,7 @@ class DIFFormer(nn.Module):
     def mixes_graph_and_attention(self) -> bool:
         """Whether each layer adds the graph term to an all-pairs attention term (DIFFormer-s/-a with
         ``use_graph``), the models :meth:`graph_term_ratios` applies to."""
-        return self.convs[0].use_graph and self.kernel in ("simple", "sigmoid")
+        return self.convs[0].use_graph and self.kernel.all_pairs
 
     @torch.no_grad()
     def graph_term_ratios(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None,
@@ -145,7 +147,7 @@ class DIFFormer(nn.Module):
         """
         if not self.mixes_graph_and_attention:
             raise ValueError(f"graph_term_ratios compares the graph term with the attention term: this model "
-                             f"(kernel {self.kernel!r}, use_graph={self.convs[0].use_graph}) does not have both")
+                             f"(kernel {self.kernel.qualified_name()!r}, use_graph={self.convs[0].use_graph}) does not have both")
         check_edge_ids(edge_index, x.size(0))
         graph = NormalizedGraph.build(edge_index, edge_weight, x.size(0), accumulation_dtype(x.dtype))
         h, ratios = self.encode(x), []
@@ -165,19 +167,18 @@ class DIFFormer(nn.Module):
         return self.lin_in.out_features
 
     @property
-    def kernel(self) -> str:
+    def kernel(self) -> DiffusionKernel:
+        """The first layer's kernel (every layer's is of the same class): what the data modules and the streamed
+        pass ask what it needs."""
         return self.convs[0].kernel
+
+    @property
+    def quadratic_cost(self) -> bool:
+        """Whether an exact pass over N nodes costs O(N^2) (DIFFormer-a: every query against every key)."""
+        return self.kernel.quadratic_cost
 
     def exact_evaluation_flops(self, num_nodes: int) -> float:
         """An estimate of the floating-point operations of one exact forward pass over ``num_nodes``
         nodes: quadratic in ``num_nodes`` for DIFFormer-a (every query against every key), linear for the
         other kernels (the edges' cost is not counted)."""
-        conv = self.convs[0]
-        hidden, heads, width = conv.in_channels, conv.num_heads, conv.out_channels
-        per_node = 2 * hidden * heads * width * (3 if conv.kernel in ("simple", "sigmoid") else 1)
-        if conv.kernel == "simple":
-            per_node += 4 * heads * width * (width + 1)
-        linear = float(num_nodes) * per_node * len(self.convs)
-        if conv.kernel != "sigmoid":
-            return linear
-        return linear + float(num_nodes) ** 2 * heads * (4 * width + 4) * len(self.convs)
+        return sum(conv.exact_evaluation_flops(num_nodes) for conv in self.convs)

@@ -5,12 +5,13 @@ graph that fits no batch needs, per layer, one streaming pass that accumulates t
 (:class:`~.attention.LinearAttentionStats`) and writes every node's values, and a second pass that
 combines the sums with each chunk of queries, adds the graph term gathered over each target's in-edges,
 and steps the state. DIFFormer-a's second pass sums each chunk of queries against every chunk of keys
-(quadratic, so only on request); GCN and GAT need only the graph rows; the MLP neither.
+(quadratic, so only on request); GCN and GAT need only the graph rows; the MLP neither. What a layer needs is
+its kernel's to say (:class:`~.kernels.DiffusionKernel`: ``all_pairs``, ``needs_graph``, ``reads_edge_list``,
+``streamed_arrays``, ``summarize``, ``attend``), so a kernel of one's own streams too.
 
-Every piece of math is the model's own: :meth:`DIFFormer.encode`, :meth:`DIFFormerConv.project`,
-:meth:`~DIFFormerConv.statistics`, :meth:`~DIFFormerConv.attend`, :meth:`~DIFFormerConv.sigmoid_sums`,
-:meth:`~DIFFormerConv.local` on :meth:`NormalizedGraph.rows`, :meth:`~DIFFormerConv.combine` and
-:meth:`DIFFormer.step`; nothing here reads a weight.
+Every piece of math is the model's own: :meth:`DIFFormer.encode`, :meth:`DIFFormerConv.project`, the kernel's
+``summarize`` and ``attend``, :meth:`~DIFFormerConv.local` on :meth:`NormalizedGraph.rows`,
+:meth:`~DIFFormerConv.combine` and :meth:`DIFFormer.step`; nothing here reads a weight.
 
 Work and memory, whatever the size of the graph:
 
@@ -48,7 +49,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention import LinearAttentionStats, sigmoid_rows_per_block
 from .contracts import GraphSource
 from .graph import NormalizedGraph, accumulation_dtype, edge_targets, gcn_degree
 from .io import publish, read_only_tensor, staging_path
@@ -123,7 +123,8 @@ def scratch_layout(model: DIFFormer, num_nodes: int, storage_dtype: Optional[tor
     and a chunk is read before its new state is written), the values (and DIFFormer-a's keys) ``[N, H, D]``
     that other chunks gather, and the graph term's degrees ``[N]``.
 
-    States, values and keys are stored in ``storage_dtype`` (the model's float32 or float64 by default;
+    The kernel's ``streamed_arrays`` (DIFFormer-a's keys and values) are stored too. States, values and keys are
+    stored in ``storage_dtype`` (the model's float32 or float64 by default;
     :func:`storage_dtype` gives bfloat16 or float16 under a 16-bit precision), the degrees in the dtype sums
     run in. ``sum(spec.nbytes ...)`` is the disk the pass takes."""
     conv = model.convs[0]
@@ -131,10 +132,10 @@ def scratch_layout(model: DIFFormer, num_nodes: int, storage_dtype: Optional[tor
     storage = storage_dtype or compute
     layout = {"h": ArraySpec((num_nodes, model.hidden_channels), storage)}
     per_node = (num_nodes, conv.num_heads, conv.out_channels)
-    if conv.needs_graph or conv.kernel == "sigmoid":
+    if conv.needs_graph:
         layout["value"] = ArraySpec(per_node, storage)
-    if conv.kernel == "sigmoid":
-        layout["key"] = ArraySpec(per_node, storage)
+    for name in conv.kernel.streamed_arrays:
+        layout[name] = ArraySpec(per_node, storage)
     if conv.needs_graph:
         layout["inv_sqrt_degree"] = ArraySpec((num_nodes,), compute)
     return layout
@@ -550,7 +551,7 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     timings["nodes"] = float(sum(stop - start for _, (start, stop) in mine))
     timings["entries"] = 0.0
     if progress is not None:
-        sweeps = 1 + len(model.convs) * (2 if conv.needs_graph or conv.kernel in ("simple", "sigmoid") else 1)
+        sweeps = 1 + len(model.convs) * (2 if _has_first_pass(conv) else 1)
         progress.begin_pass(len(model.convs), len(mine), len(chunks), int(timings["nodes"]), num_nodes, sweeps,
                             layout_bytes(layout), scratch.folder)
         progress.stage("encoding")
@@ -581,25 +582,24 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     rows.sync()
     inv_sqrt_degree = _to_torch(arrays["inv_sqrt_degree"], dtype) if conv.needs_graph else None
     for layer, conv in enumerate(model.convs):
-        if progress is not None and (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
+        if progress is not None and _has_first_pass(conv):
             progress.stage(f"layer {layer + 1}/{len(model.convs)}, values")
         clock = time.perf_counter()
-        stats = _first_pass(conv, rows, groups, chunks, progress)
+        summary = _first_pass(conv, rows, groups, chunks, progress)
         timings["statistics"] += time.perf_counter() - clock
         if progress is not None:
             progress.stage(f"layer {layer + 1}/{len(model.convs)}, states")
         for index, (start, stop) in mine:
             clock = time.perf_counter()
             h = rows.read("h", start, stop)
-            query = conv.project(h, "q")[0] if conv.kernel in ("simple", "sigmoid") else None
+            query = conv.project(h, "q")[0] if conv.kernel.all_pairs else None
             # this chunk's values as the first pass wrote them, else (no graph, 'none') projected again
             value = rows.read("value", start, stop) if "value" in rows.arrays else conv.project(h, "v")[2]
             with torch.autocast(device_type=device.type, enabled=False):
                 attention = None
-                if conv.kernel == "simple":
-                    attention = conv.attend(query, stats)
-                elif conv.kernel == "sigmoid":
-                    attention = _sigmoid_rows(conv, query, rows, chunks)
+                if conv.kernel.all_pairs:
+                    attention = conv.kernel.attend(query, summary, lambda: (
+                        {name: rows.read(name, *chunk) for name in conv.kernel.streamed_arrays} for chunk in chunks))
                 local = None
                 if conv.needs_graph:
                     graph_clock = time.perf_counter()
@@ -614,6 +614,8 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
                     local = conv.local(graph, rows.gather("value", ids), value)
                     timings["graph"] += time.perf_counter() - graph_clock
                     clock += time.perf_counter() - graph_clock
+                elif not conv.kernel.all_pairs:  # a local kernel without a graph ('none')
+                    local = conv.local(None, value, value)
                 update = conv.combine(value, attention, local)
             rows.write("h", start, model.step(layer, h, update))
             timings["update"] += time.perf_counter() - clock
@@ -625,37 +627,46 @@ def exact_states(model: DIFFormer, source: GraphSource, chunk_nodes: int = 65_53
     return ExactStates(arrays["h"], dtype, timings)
 
 
+def _has_first_pass(conv) -> bool:
+    """Whether a layer needs the sweep before its states: every node's values for the graph term, the
+    kernel's summary or streamed arrays for its all-pairs term."""
+    return conv.needs_graph or conv.kernel.all_pairs
+
+
 def _first_pass(conv, scratch: "_Rows", groups: Sequence[Tuple[int, range]], chunks: Sequence[Tuple[int, int]],
-                progress: Optional[PassProgress]) -> Optional[LinearAttentionStats]:
-    """Writes every node's values (and keys) where later passes gather them; for DIFFormer-s returns the
-    global statistics: each of this rank's groups of chunks summed in chunk order (float64), one row per
-    group of a table all-reduced over ranks, the rows added in group order (see the module docstring)."""
-    if not (conv.needs_graph or conv.kernel in ("simple", "sigmoid")):
+                progress: Optional[PassProgress]) -> Optional[Tensor]:
+    """Writes every node's values (and the kernel's ``streamed_arrays``) where later passes gather them; for a
+    kernel with a summary (DIFFormer-s's global statistics) returns it: each of this rank's groups of chunks
+    summed in chunk order (float64), one row per group of a table all-reduced over ranks, the rows added in
+    group order (see the module docstring)."""
+    if not _has_first_pass(conv):
         return None
-    simple = conv.kernel == "simple"
+    kernel = conv.kernel
     template = None
-    if simple:  # the statistics' layout (shapes), from a zero row
+    if kernel.all_pairs:  # the summary's size, from a zero row (None: the kernel has none)
         zeros = torch.zeros(1, conv.num_heads, conv.out_channels, device=scratch.device, dtype=scratch.dtype)
-        template = conv.statistics(zeros, zeros, zeros)
-    table = template.flatten().new_zeros(STATISTICS_GROUPS, template.flatten().numel()) if simple else None
+        with torch.autocast(device_type=scratch.device.type, enabled=False):
+            template = kernel.summarize(zeros, zeros, zeros)
+    table = template.new_zeros(STATISTICS_GROUPS, template.numel(), dtype=torch.float64) if template is not None \
+        else None
     for group, members in groups:
         group_sum = None
         for index in members:
             start, stop = chunks[index]
             query, key, value = conv.project(scratch.read("h", start, stop))
-            if "value" in scratch.arrays:
-                scratch.write("value", start, value)
-            if conv.kernel == "sigmoid":
-                scratch.write("key", start, key)
-            if simple:
+            projected = {"query": query, "key": key, "value": value}
+            for name in ("value",) * ("value" in scratch.arrays) + tuple(n for n in kernel.streamed_arrays
+                                                                          if n != "value"):
+                scratch.write(name, start, projected[name])
+            if table is not None:
                 with torch.autocast(device_type=scratch.device.type, enabled=False):
-                    flat = conv.statistics(query, key, value).flatten().double()
+                    flat = kernel.summarize(query, key, value).double()
                 group_sum = flat if group_sum is None else group_sum.add_(flat)
             if progress is not None:
                 progress.advance(1, stop - start)
-        if simple and group_sum is not None:
+        if table is not None and group_sum is not None:
             table[group] = group_sum
-    if not simple:
+    if table is None:
         scratch.sync()
         return None
     table = scratch.collectives.all_reduce(table)
@@ -663,23 +674,7 @@ def _first_pass(conv, scratch: "_Rows", groups: Sequence[Tuple[int, range]], chu
     total = table[0].clone()
     for row in table[1:]:  # in group order, one row at a time: the same additions for any number of ranks
         total.add_(row)
-    return template.unflatten(total).to(scratch.dtype)
-
-
-def _sigmoid_rows(conv, query: Tensor, scratch: "_Rows", chunks) -> Tensor:
-    """DIFFormer-a for one chunk of queries against the keys of every chunk (each read once), in row
-    blocks that keep each block's scores within ``conv.sigmoid_block_bytes``."""
-    largest = max(stop - start for start, stop in chunks)
-    rows = sigmoid_rows_per_block(largest, conv.num_heads, conv.sigmoid_block_bytes)
-    blocks = query.split(rows)
-    numerators, denominators = [None] * len(blocks), [None] * len(blocks)
-    for start, stop in chunks:
-        key, value = scratch.read("key", start, stop), scratch.read("value", start, stop)
-        for i, block in enumerate(blocks):
-            numerator, denominator = conv.sigmoid_sums(block, key, value)
-            numerators[i] = numerator if numerators[i] is None else numerators[i] + numerator
-            denominators[i] = denominator if denominators[i] is None else denominators[i] + denominator
-    return torch.cat(numerators) / torch.cat(denominators)
+    return total
 
 
 class _Rows:

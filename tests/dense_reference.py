@@ -34,23 +34,23 @@ def _heads(linear, h, num_heads):
 def dense_layer(conv, h, propagation, present):
     num_nodes, heads = h.size(0), conv.num_heads
     value = _heads(conv.value, h, heads) if conv.use_weight else h.unsqueeze(1).repeat(1, heads, 1)
-    outputs = []
+    outputs, kernel = [], conv.kernel.qualified_name()
     for head in range(heads):
         v = value[:, head]
-        if conv.kernel == "none":
+        if kernel == "none":
             diffusivity = torch.eye(num_nodes, dtype=torch.float64)
-        elif conv.kernel == "gcn":
+        elif kernel == "gcn":
             diffusivity = propagation
-        elif conv.kernel == "gat":
-            a_s = conv.att_source.double()[head]
-            a_t = conv.att_target.double()[head]
+        elif kernel == "gat":
+            a_s = conv.kernel.att_source.double()[head]
+            a_t = conv.kernel.att_target.double()[head]
             scores = F.leaky_relu((v @ a_t)[:, None] + (v @ a_s)[None, :], 0.2)
             diffusivity = torch.softmax(scores.masked_fill(present == 0, float("-inf")), dim=1)
         else:
             q = _heads(conv.query, h, heads)
             k = _heads(conv.key, h, heads)
-            if conv.kernel == "simple":
-                if conv.qk_norm == "frobenius":
+            if kernel == "simple":
+                if conv.kernel.qk_norm == "frobenius":
                     q, k = q / q.norm(), k / k.norm()
                 else:
                     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)

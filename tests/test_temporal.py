@@ -344,7 +344,7 @@ def test_reference_presets_hold_run_sh_and_the_protocol(dataset, variant, tmp_pa
     model, encoder = cli.model, cli.model.encoder
     conv = encoder.convs[0]
     assert (model.hparams.lr, model.hparams.weight_decay, encoder.dropout) == RUN_SH[(dataset, variant)]
-    assert (conv.kernel, conv.use_graph, conv.use_weight, conv.num_heads, encoder.alpha, len(encoder.convs),
+    assert (conv.kernel.name, conv.use_graph, conv.use_weight, conv.num_heads, encoder.alpha, len(encoder.convs),
             encoder.hidden_channels) == ("simple" if variant[0] == "s" else "sigmoid", variant.endswith("graph"),
                                          False, 1, 0.5, 2, 4)
     assert model.objective == "mse_all_pairs" and len(cli.trainer.train_dataloader) == 1
