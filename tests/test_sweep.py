@@ -1,0 +1,210 @@
+"""python -m difformer_lightning.sweep: the search space, a tiny sweep end to end (runs, prunes, writes a preset
+that train.py loads), a sweep killed mid-trial and resumed with the same command, two processes on one study."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from conftest import ROOT
+from difformer_lightning.sweep import SweepError, as_arguments, load_space, parse_average_over
+
+# a tiny graph (300 nodes, hidden 8) and 2 epochs: a trial is train.py's start-up and a few seconds
+TINY = ["--data.init_args.num_nodes", "300", "--data.init_args.num_val", "50", "--data.init_args.num_test", "100",
+        "--model.encoder.init_args.hidden_channels", "8", "--trainer.max_epochs", "2"]
+SPACE = "model.lr: {type: float, low: 1e-3, high: 5e-2, log: true}\nmodel.encoder.init_args.dropout: [0.0, 0.5]\n"
+
+
+def write_space(folder: Path, text: str = SPACE) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def sweep(tmp_path: Path, *extra: str, trials: int = 3, **popen):
+    command = [sys.executable, "-m", "difformer_lightning.sweep", "--config", "configs/synthetic.yaml",
+               "--space", str(write_space(tmp_path)), "--trials", str(trials), "--runs-dir", str(tmp_path / "runs"),
+               "--study", "tiny", "--prune-after-trials", "1", "--prune-warmup-epochs", "0", *TINY, *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, env=env, **popen)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def load(tmp_path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny.db'}")
+
+
+# --- the search space and the command lines (fast) ------------------------------------------------------------
+
+def test_space_reads_each_kind_of_distribution(tmp_path):
+    space = load_space(write_space(tmp_path, "model.lr: {type: float, low: 1e-4, high: 1e-1, log: true}\n"
+                                             "model.encoder.init_args.num_layers: {type: int, low: 1, high: 4}\n"
+                                             "model.encoder.init_args.kernel: [simple, sigmoid]\n"
+                                             "model.encoder.init_args.use_bn: {type: categorical, choices: [true, false]}\n"))
+    assert space["model.lr"] == FloatDistribution(1e-4, 1e-1, log=True)  # 1e-4 is a string to YAML
+    assert space["model.encoder.init_args.num_layers"] == IntDistribution(1, 4)
+    assert space["model.encoder.init_args.kernel"] == CategoricalDistribution(["simple", "sigmoid"])
+    assert space["model.encoder.init_args.use_bn"] == CategoricalDistribution([True, False])
+
+
+@pytest.mark.parametrize("text, says", [
+    ("model.lr: {type: gaussian, low: 0, high: 1}", "type one of float, int, categorical"),
+    ("model.lr: {type: float, low: small, high: 1}", "low must be a number"),
+    ("model.lr: {type: float, low: 1, high: 0.1}", "model.lr"),  # Optuna's message: low > high
+    ("model.lr: {type: float, low: 0, high: 1, log: true}", "model.lr"),  # log needs low > 0
+    ("- model.lr", "must map train.py options"),
+    ("model.lr: [1, 2\n", "not valid YAML"),
+])
+def test_bad_space_names_the_entry_and_the_fix(tmp_path, text, says):
+    with pytest.raises(SweepError, match=says):
+        load_space(write_space(tmp_path, text))
+
+
+def test_missing_space_file_is_named(tmp_path):
+    with pytest.raises(SweepError, match="cannot read the search space"):
+        load_space(tmp_path / "absent.yaml")
+
+
+def test_arguments_are_yaml_scalars_train_py_reads():
+    assert as_arguments({"model.lr": 0.001, "model.encoder.init_args.use_bn": False, "x": None, "k": "simple"}) == \
+        ["--model.lr", "0.001", "--model.encoder.init_args.use_bn", "false", "--x", "null", "--k", "simple"]
+
+
+def test_average_over_every_combination():
+    assert parse_average_over([]) == [{}]
+    assert parse_average_over(["data.init_args.split=0,1", "seed_everything=0, 1"]) == [
+        {"data.init_args.split": "0", "seed_everything": "0"}, {"data.init_args.split": "0", "seed_everything": "1"},
+        {"data.init_args.split": "1", "seed_everything": "0"}, {"data.init_args.split": "1", "seed_everything": "1"}]
+    with pytest.raises(SweepError, match="OPTION=V1,V2"):
+        parse_average_over(["data.init_args.split"])
+
+
+def test_unknown_option_is_refused_before_any_trial(tmp_path):
+    done = sweep(tmp_path, "--trails", "3")
+    assert done.returncode == 2 and "unknown option --trails" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_train_option_is_refused_before_any_trial(tmp_path):
+    done = sweep(tmp_path, "--model.encoder.init_args.kernal", "simple")
+    assert done.returncode == 2 and "train.py refuses these options" in done.stderr, done.stderr
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+# --- whole sweeps (slow) ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_prunes_and_writes_a_preset_train_py_loads(tmp_path):
+    done = sweep(tmp_path, "--sampler-seed", "0")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    study = load(tmp_path)
+    states = [trial.state for trial in study.trials]
+    assert len(states) == 3 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    assert TrialState.PRUNED in states, "no trial was pruned: the pruner saw no report"
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # accuracy
+    assert done.stdout.count("[sweep tiny] trial ") == 3 and "3/3 finished" in done.stdout
+    for trial in study.trials:  # each trial a normal run folder; reports are val/best per epoch
+        run = tmp_path / "runs" / "tiny" / f"trial-{trial.number:04d}" / "run"
+        assert (run / "command.txt").is_file() and (run / "logs").is_dir() and (run / "checkpoints").is_dir()
+        assert set(trial.intermediate_values) <= {0, 1}
+        values = list(trial.intermediate_values.values())
+        assert values == sorted(values), "val/best never decreases"
+        if trial.state == TrialState.COMPLETE:
+            assert trial.value == pytest.approx(trial.intermediate_values[1])
+    best = study.best_trial
+    preset = tmp_path / "runs" / "tiny" / "best.yaml"
+    text = preset.read_text()
+    assert f"trial {best.number}, the best of 3 finished" in text
+    printed = subprocess.run([sys.executable, "train.py", "fit", "--config", str(preset), "--print_config"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    config = yaml.safe_load(printed.stdout)
+    model = config["model"]["init_args"]
+    assert model["lr"] == pytest.approx(best.params["model.lr"])
+    assert model["encoder"]["init_args"]["dropout"] == best.params["model.encoder.init_args.dropout"]
+    assert config["data"]["init_args"]["num_nodes"] == 300 and config["trainer"]["max_epochs"] == 2
+    assert config["trainer"]["default_root_dir"] is None or "trial-" not in str(config["trainer"]["default_root_dir"])
+
+    again = sweep(tmp_path)  # the study already has its 3 trials: nothing runs, the preset is written again
+    assert again.returncode == 0 and "3/3 trials finished" in again.stdout and len(load(tmp_path).trials) == 3
+
+
+def running_train_py(run_dir: Path) -> list:
+    """pids of train.py processes whose command line names ``run_dir``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the run's parent-death signal is Linux's")
+def test_killed_sweep_resumes_with_the_same_command(tmp_path):
+    slow = ["--trainer.callbacks+=cli_helpers.StepPrinter", "--trainer.callbacks.pause", "1.0", "--heartbeat", "1",
+            "--no-prune"]
+    process = sweep(tmp_path, *slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "runs" / "tiny" / "trial-0001" / "run" / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "step 1" in log.read_text()):  # trial 0 done, trial 1 mid-run
+        assert process.poll() is None and time.monotonic() < deadline, "the sweep ended before trial 1 trained"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)  # the sweep alone, as an OOM kill or a lost session would
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while running_train_py(log.parent):  # its run follows it (parent-death signal), not left training unwatched
+        assert time.monotonic() < deadline, "trial 1's train.py outlived the killed sweep"
+        time.sleep(0.2)
+    killed = load(tmp_path).trials[1]
+    assert killed.state == TrialState.RUNNING  # as the kill left it
+    time.sleep(3)  # past the grace period (2 heartbeats), so the restart sees the trial as stale
+
+    done = sweep(tmp_path, *slow)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "1/3 trials finished" in done.stdout
+    trials = load(tmp_path).trials
+    assert trials[1].state == TrialState.FAIL
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 3
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback  # renamed in Optuna 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = [t for t in finished if retry.retried_trial_number(t) == 1]
+    assert len(retried) == 1 and retried[0].params == killed.params  # rerun with the killed trial's parameters
+    assert (tmp_path / "runs" / "tiny" / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_sqlite_study(tmp_path):
+    first = sweep(tmp_path, trials=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # the first creates the study; the second joins it
+    second = sweep(tmp_path, trials=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for process in (first, second):
+        out, err = process.communicate(timeout=900)
+        assert process.returncode == 0, out[-2000:] + err[-3000:]
+    trials = load(tmp_path).trials
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # each process stops once 4 have finished; one running in the other when that happens finishes too
+    assert 4 <= len(finished) <= 5 and len(trials) == len(finished)
+    hosts = {t.user_attrs["host"] for t in trials}
+    assert len(hosts) == 2, hosts  # both processes ran trials
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers)
+    folders = sorted(p.name for p in (tmp_path / "runs" / "tiny").glob("trial-*"))
+    assert folders == [f"trial-{n:04d}" for n in sorted(numbers)]
+    with sqlite3.connect(tmp_path / "runs" / "tiny.db") as db:  # one study, in one file
+        assert db.execute("select count(*) from studies").fetchone() == (1,)
