@@ -191,7 +191,7 @@ def best_so_far(run_dir: Path, complete_only: bool) -> Dict[int, float]:
 # --- the study --------------------------------------------------------------------------------------------------
 
 def open_study(name: str, storage: str, maximize: bool, heartbeat: float, prune_after: int, warmup: int,
-               seed: Optional[int]) -> optuna.Study:
+               seed: Optional[int], startup: int = 10) -> optuna.Study:
     """The study ``name`` in ``storage`` (created, or loaded to resume / to join other processes)."""
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     if storage.startswith("sqlite:///"):
@@ -210,13 +210,55 @@ def open_study(name: str, storage: str, maximize: bool, heartbeat: float, prune_
     except Exception as error:  # SQLAlchemy's errors (bad URL, no driver, unreachable server)
         raise SweepError(f"--storage {storage!r}: {error}") from error
     direction = "maximize" if maximize else "minimize"
+    if seed is not None:  # a resumed seeded sweep must not draw the first trials' values again
+        try:
+            seed += len(optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False))
+        except KeyError:  # a new study
+            pass
     study = optuna.create_study(study_name=name, storage=rdb, direction=direction, load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed),
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=prune_after, n_warmup_steps=warmup))
     if study.direction.name.lower() != direction:
         raise SweepError(f"study {name!r} in {storage} was created to {study.direction.name.lower()}; this model's "
                          f"metric asks to {direction}: use another --study")
     return study
+
+
+def preset_value(config: dict, option: str) -> Any:
+    """The value of a dotted ``train.py`` option (``model.encoder.init_args.dropout``) in a resolved configuration,
+    where ``class_path``/``init_args`` nest what the command line writes flat (``model.lr`` is
+    ``model: {init_args: {lr: ...}}``). Raises ``KeyError`` when the configuration has no such value."""
+    node: Any = config
+    for key in option.split("."):
+        if isinstance(node, dict) and key not in node and isinstance(node.get("init_args"), dict):
+            node = node["init_args"]
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(option)
+        node = node[key]
+    return node
+
+
+def baseline_params(config: dict, space: Dict[str, BaseDistribution]) -> Dict[str, Any]:
+    """The preset's own values of the search space's options, those the space contains (the others are left
+    to the sampler)."""
+    params = {}
+    for name, distribution in space.items():
+        try:
+            value = preset_value(config, name)
+        except KeyError:
+            continue
+        if isinstance(distribution, CategoricalDistribution):
+            inside = value in distribution.choices
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            inside = False
+        else:
+            step = distribution.step
+            inside = distribution.low <= value <= distribution.high and (
+                step is None or math.isclose((value - distribution.low) / step,
+                                             round((value - distribution.low) / step)))
+        if inside:
+            params[name] = value
+    return params
 
 
 def finished(study: optuna.Study) -> int:
@@ -232,9 +274,11 @@ class Sweep:
         self.repeats = parse_average_over(args.average_over)
         self.max_epochs = int(config["trainer"].get("max_epochs") or 1000)
         self.failures_in_a_row = 0
+        self.current: Optional[Tuple[int, Dict[str, Any]]] = None  # the trial running now: (number, params)
 
     def objective(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.space)
+        self.current = (trial.number, params)
         trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
         values, tests = [], []
         for index, repeat in enumerate(self.repeats):
@@ -261,7 +305,7 @@ class Sweep:
         (run_dir / "command.txt").write_text(shlex.join(command) + "\n")
         reported: Dict[int, float] = {}
         with open(run_dir / "train.log", "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_prepare_run)
             pruned = False
             while process.poll() is None:
                 time.sleep(self.args.poll)
@@ -306,9 +350,12 @@ class Sweep:
         return False
 
 
-def _die_with_parent() -> None:
-    """In the trial's child, before exec: on Linux, SIGTERM when the sweep's process dies (killed or crashed), so
-    no run trains on unwatched after a sweep is stopped (Lightning ends on SIGTERM). Elsewhere a no-op."""
+def _prepare_run() -> None:
+    """In the trial's child, before exec. SIGINT back to its default, so the run stops when pruned even when the
+    sweep was started in the background (a shell starts background jobs with SIGINT ignored, and an ignored
+    signal stays ignored across exec). On Linux, SIGTERM when the sweep's process dies (killed or crashed), so no
+    run trains on unwatched after a sweep is stopped (Lightning ends on SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -360,6 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     parser.add_argument("--average-over", action="append", default=[], metavar="OPTION=V1,V2",
                         help="run each trial once per value (several: every combination) and average")
     parser.add_argument("--no-prune", dest="prune", action="store_false", help="run every trial to its end")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="do not start a new study with the preset's own values as its first trial")
     parser.add_argument("--prune-after-trials", type=int, default=5, help="trials finished before any is pruned")
     parser.add_argument("--prune-warmup-epochs", type=int, default=10, help="epochs of a run before it is pruned")
     parser.add_argument("--sampler-seed", type=int, help="TPE's seed (leave unset when processes share a study)")
@@ -377,6 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     if args.trials < 1:
         parser.error("--trials must be at least 1")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial, below, instead of Optuna's
+    # Ctrl-C or kill -INT stops the sweep resumably, also when a shell started it in the background (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         space = load_space(Path(args.space))
         args.study = args.study or f"{Path(args.config).stem}-{Path(args.space).stem}"
@@ -388,8 +439,10 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
         config, _ = resolved_config(args.config, [*passthrough, *as_arguments(probe),
                                                   *[a for option, value in repeats[-1].items()
                                                     for a in (f"--{option}", value)]])
+        # TPE samples at random for its first trials (Optuna's default: 10); a small budget keeps a quarter
         study = open_study(args.study, args.storage, higher_is_better(config), args.heartbeat,
-                           args.prune_after_trials, args.prune_warmup_epochs, args.sampler_seed)
+                           args.prune_after_trials, args.prune_warmup_epochs, args.sampler_seed,
+                           startup=min(10, max(3, args.trials // 4)))
     except SweepError as error:
         print(f"sweep: error: {error}", file=sys.stderr)
         raise SystemExit(2)
@@ -406,6 +459,13 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
             state["best"] = best
             write_best(study, args, passthrough, best_out)
 
+    if args.baseline and not study.get_trials(deepcopy=False):
+        # the first trial is the preset as it is: the tuned preset is never worse on validation than the start
+        # (the probe's configuration above holds the preset's values of every option the space does not bound)
+        preset, _ = resolved_config(args.config, passthrough)
+        params = baseline_params(preset, space)
+        if params:
+            study.enqueue_trial(params, user_attrs={"baseline": True})
     done = finished(study)
     print(f"[sweep {args.study}] {args.storage}: {done}/{args.trials} trials finished; runs under "
           f"{Path(args.runs_dir) / args.study}", flush=True)
@@ -417,8 +477,14 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
             print(f"sweep: error: {error}", file=sys.stderr)
             raise SystemExit(1)
         except KeyboardInterrupt:
+            # Optuna marks the interrupted trial failed; it is queued again, so resuming reruns its parameters
+            if sweep.current is not None:
+                number, params = sweep.current
+                study.enqueue_trial(params, user_attrs={"rerun_of": number})
             print(f"[sweep {args.study}] interrupted: {finished(study)}/{args.trials} trials finished are kept in "
-                  f"{args.storage}; the same command resumes", file=sys.stderr, flush=True)
+                  f"{args.storage}; the same command resumes" + (f" (trial {sweep.current[0]} runs again)"
+                                                                  if sweep.current else ""),
+                  file=sys.stderr, flush=True)
             raise SystemExit(130)
     try:
         study.best_trial
@@ -428,7 +494,29 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     write_best(study, args, passthrough, best_out)
     print(f"[sweep {args.study}] best: trial {study.best_trial.number}, {study.best_value:.4f}; preset {best_out}",
           flush=True)
+    importance = write_importance(study, best_out.parent / "importance.json")
+    if importance:
+        print(f"[sweep {args.study}] importance (Optuna's fANOVA, share of the objective's variance): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in importance.items()), flush=True)
     return study
+
+
+def write_importance(study: optuna.Study, out: Path) -> Dict[str, float]:
+    """Each option's share of the objective's variance over the completed trials (Optuna's
+    ``get_param_importances``, fANOVA), written to ``out`` as JSON; empty below 4 completed trials."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 4:
+        return {}
+    try:
+        importance = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError):  # e.g. every trial with the same value
+        return {}
+    importance = {name: float(value) for name, value in importance.items()}
+    with atomic_file(out, "w") as handle:
+        json.dump({"study": study.study_name, "completed_trials": len(complete), "importance": importance}, handle,
+                  indent=1)
+    return importance
 
 
 if __name__ == "__main__":
