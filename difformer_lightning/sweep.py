@@ -63,6 +63,8 @@ from .plot import read_metrics
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 DISTRIBUTIONS = {"float": FloatDistribution, "int": IntDistribution, "categorical": CategoricalDistribution}
+# The last line a run that stopped on a non-finite loss prints (callbacks.non_finite.NonFiniteError, uncaught)
+NON_FINITE = "callbacks.non_finite.NonFiniteError:"
 MONITOR = "val/best"  # the validation metric at the best epoch so far (EncoderModule's model selection)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -325,12 +327,16 @@ class Sweep:
             raise optuna.TrialPruned(f"{MONITOR} {reported[last]:.4f} at epoch {last - offset} of {run_dir} is below "
                                      f"the median of earlier trials")
         if process.returncode != 0:
+            lines = [line for line in (run_dir / "train.log").read_text(errors="replace").splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit status {process.returncode}, nothing logged"
+            if last.startswith(NON_FINITE):  # these values diverge: a bad trial, pruned (TPE learns from it)
+                raise optuna.TrialPruned(f"diverged in {run_dir}: {last[len(NON_FINITE):].strip()[:200]}")
             self.failures_in_a_row += 1
-            tail = "".join((run_dir / "train.log").read_text().splitlines(True)[-15:])
+            tail = "\n".join(lines[-15:])
             if self.failures_in_a_row >= 3:
                 raise SweepError(f"three trials in a row failed; the last one's log ({run_dir / 'train.log'}):\n{tail}")
-            raise RunFailed(f"{shlex.join(command)} failed with {process.returncode}; see {run_dir / 'train.log'}:\n"
-                            f"{tail}")
+            raise RunFailed(f"{run_dir.name}: {last[:300]} (see {run_dir / 'train.log'}; the command is in "
+                            f"command.txt)\n{tail}")
         metrics = read_metrics(run_dir / "logs")
         if not metrics.get(MONITOR):
             raise RunFailed(f"{run_dir} logged no {MONITOR}: the preset must validate (check_val_every_n_epoch)")

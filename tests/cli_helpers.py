@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 
 class StepPrinter(pl.Callback):
@@ -95,3 +96,16 @@ class BadBatches(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self.train_dataloader()
+
+
+class PoisonWeights(pl.Callback):
+    """From global step ``at_step``, fills the first parameter with NaN before each batch: the loss turns
+    non-finite (a stand-in for a diverging run; NonFiniteGuard then stops the fit)."""
+
+    def __init__(self, at_step: int = 1) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.at_step:
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("nan"))

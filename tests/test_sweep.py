@@ -229,6 +229,22 @@ def test_interrupted_sweep_reruns_the_interrupted_trial(tmp_path):
 
 
 @pytest.mark.slow
+def test_diverging_trial_is_pruned_not_failed(tmp_path):
+    # from step 1 the weights are NaN, so the loss is (NonFiniteGuard stops the run); the preset's lr 1e-2 is not
+    # among the space's choices: no baseline trial
+    space = write_space(tmp_path, "model.lr: [0.02]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "difformer_lightning.sweep", "--config", "configs/synthetic.yaml",
+                           "--space", str(space), "--trials", "1", "--runs-dir", str(tmp_path / "runs"), "--study",
+                           "tiny", *TINY, "--trainer.callbacks+=cli_helpers.PoisonWeights"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    (trial,) = load(tmp_path).trials
+    assert trial.state == TrialState.PRUNED, done.stdout + done.stderr[-2000:]
+    assert "trial 0 pruned" in done.stdout
+    assert done.returncode == 1 and "no trial of 'tiny' completed" in done.stderr
+
+
+@pytest.mark.slow
 def test_two_processes_share_one_sqlite_study(tmp_path):
     paced = ["--trainer.callbacks+=cli_helpers.StepPrinter", "--trainer.callbacks.pause", "2.0"]  # trials overlap
     first = sweep(tmp_path, *paced, trials=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
