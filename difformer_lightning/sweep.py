@@ -18,12 +18,15 @@ Every option ``--space``, ``--average-over`` and the rest of the command line na
 While a run trains, its ``val/best`` of every finished epoch is reported to the trial (step = epoch, offset by
 ``max_epochs`` per earlier run of the trial); when Optuna's pruner (``MedianPruner``) says the trial is worse than
 the median of earlier trials at that step, the run is stopped (SIGINT: Lightning's graceful shutdown) and the trial
-is marked pruned. All Optuna calls happen in this process, through its public API; the runs are plain
-``train.py`` processes.
+is marked pruned; a run that stops on a non-finite loss (``NonFiniteError``) prunes its trial too (a setting that
+diverges is a bad trial, not a broken sweep). A new study's first trial is the preset's own values of the space's
+options (``--no-baseline`` skips it). All Optuna calls happen in this process, through its public API; the runs
+are plain ``train.py`` processes.
 
 The study lives in a database (``--storage``, any SQLAlchemy URL; a SQLite file under ``--runs-dir`` by default), so
 several processes or machines can work on one study, and a sweep that was stopped resumes where it was with the
-same command: finished trials are kept, a trial whose process died (no heartbeat for ``2 x --heartbeat`` seconds)
+same command: finished trials are kept, a trial stopped by Ctrl-C is queued again with its parameters, a trial
+whose process died (no heartbeat for ``2 x --heartbeat`` seconds)
 is marked failed and run again with its parameters (Optuna's ``RetryFailedTrialCallback``), and the sweep stops
 when ``--trials`` trials of the study have finished (completed or pruned), counting every process's. At the end
 (and after every trial that improves the best), the best trial's settings are written to ``--best-out`` as a preset:
@@ -420,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     parser.add_argument("--sampler-seed", type=int, help="TPE's seed (leave unset when processes share a study)")
     parser.add_argument("--heartbeat", type=float, default=60.0,
                         help="seconds between a running trial's heartbeats; a trial silent for twice that is rerun")
-    parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     args, passthrough = parser.parse_known_args(argv)
     stray = [arg for arg in passthrough if arg.startswith("--") and not arg.startswith(("--model", "--data",
                                                                                          "--trainer", "--seed_everything",
@@ -497,7 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     except ValueError:
         print(f"sweep: error: no trial of {args.study!r} completed", file=sys.stderr)
         raise SystemExit(1)
-    write_best(study, args, passthrough, best_out)
+    write_best(study, args, passthrough, best_out)  # again: its header counts the trials finished by now
     print(f"[sweep {args.study}] best: trial {study.best_trial.number}, {study.best_value:.4f}; preset {best_out}",
           flush=True)
     importance = write_importance(study, best_out.parent / "importance.json")
