@@ -11,7 +11,8 @@ Every option ``--space``, ``--average-over`` and the rest of the command line na
 1. samples one value per option of the search space (a YAML file, ``option: {type: float|int|categorical, ...}``
    with the arguments of Optuna's ``FloatDistribution``, ``IntDistribution``, ``CategoricalDistribution``);
 2. runs ``train.py fit`` once per combination of ``--average-over`` values (splits, seeds), each a normal run folder
-   (``config.yaml``, ``run.yaml``, checkpoints, CSV logs) under ``--runs-dir``/<study>/trial-<number>/;
+   (checkpoints, CSV logs and the resolved ``config.yaml`` under ``logs/``, ``command.txt``, ``train.log``) under
+   ``--runs-dir``/<study>/trial-<number>/<values, or run>/;
 3. is worth the mean over those runs of ``val/best``, the validation metric at the best epoch (the model selection
    ``test@best_val`` uses), maximised or minimised as the model's metric asks (``higher_is_better``).
 
@@ -104,6 +105,12 @@ def load_space(path: Path) -> Dict[str, BaseDistribution]:
             raise SweepError(f"{path}: {option}: give a mapping with type one of {', '.join(DISTRIBUTIONS)} (or a "
                              f"list of choices), got {spec!r}")
         arguments = {key: value for key, value in spec.items() if key != "type"}
+        if spec["type"] == "int":
+            bad = [key for key in ("low", "high", "step") if key in arguments and
+                   (isinstance(arguments[key], bool) or not isinstance(arguments[key], int))]
+            if bad:
+                raise SweepError(f"{path}: {option}: {bad[0]} of an int distribution must be an integer, got "
+                                 f"{arguments[bad[0]]!r} (use type: float for a real number)")
         if spec["type"] == "float":  # YAML reads 1e-4 (no dot) as a string
             arguments = {key: _number(path, option, key, value) if key in ("low", "high", "step") else value
                          for key, value in arguments.items()}
@@ -331,7 +338,8 @@ class Sweep:
                                      f"the median of earlier trials")
         if process.returncode != 0:
             lines = [line for line in (run_dir / "train.log").read_text(errors="replace").splitlines() if line.strip()]
-            last = lines[-1] if lines else f"exit status {process.returncode}, nothing logged"
+            errors = [line for line in lines if line.startswith("train.py: error") or "Error:" in line]
+            last = (errors or lines or [f"exit status {process.returncode}, nothing logged"])[-1]
             if last.startswith(NON_FINITE):  # these values diverge: a bad trial, pruned (TPE learns from it)
                 raise optuna.TrialPruned(f"diverged in {run_dir}: {last[len(NON_FINITE):].strip()[:200]}")
             self.failures_in_a_row += 1
@@ -443,11 +451,15 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
         args.storage = args.storage or f"sqlite:///{Path(args.runs_dir) / (args.study + '.db')}"
         best_out = Path(args.best_out or Path(args.runs_dir) / args.study / "best.yaml")
         repeats = parse_average_over(args.average_over)
-        # every option checked by train.py before any trial: the space's bounds, the repeated values
-        probe = {name: (d.choices[0] if isinstance(d, CategoricalDistribution) else d.low) for name, d in space.items()}
-        config, _ = resolved_config(args.config, [*passthrough, *as_arguments(probe),
-                                                  *[a for option, value in repeats[-1].items()
-                                                    for a in (f"--{option}", value)]])
+        # every value checked by train.py before any trial: each bound, each choice (one probe per choice of the
+        # longest list, at least two: low, then high), the repeated values
+        probes = max([2] + [len(d.choices) for d in space.values() if isinstance(d, CategoricalDistribution)])
+        for k in range(probes):
+            probe = {name: (d.choices[k % len(d.choices)] if isinstance(d, CategoricalDistribution)
+                            else d.low if k % 2 == 0 else d.high) for name, d in space.items()}
+            config, _ = resolved_config(args.config, [*passthrough, *as_arguments(probe),
+                                                      *[a for option, value in repeats[k % len(repeats)].items()
+                                                        for a in (f"--{option}", value)]])
         # TPE samples at random for its first trials (Optuna's default: 10); a small budget keeps a quarter
         study = open_study(args.study, args.storage, higher_is_better(config), args.heartbeat,
                            args.prune_after_trials, args.prune_warmup_epochs, args.sampler_seed,
@@ -469,12 +481,15 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
             write_best(study, args, passthrough, best_out)
 
     if args.baseline and not study.get_trials(deepcopy=False):
-        # the first trial is the preset as it is: the tuned preset is never worse on validation than the start
-        # (the probe's configuration above holds the preset's values of every option the space does not bound)
+        # the first trial is the preset as it is, for the options whose preset value the space holds (the others are
+        # sampled, and said so): then the tuned preset is never worse on validation than the start
         preset, _ = resolved_config(args.config, passthrough)
         params = baseline_params(preset, space)
         if params:
             study.enqueue_trial(params, user_attrs={"baseline": True})
+            outside = [name for name in space if name not in params]
+            print(f"[sweep {args.study}] trial 0 is the preset's own values" +
+                  (f"; outside the space, sampled instead: {', '.join(outside)}" if outside else ""), flush=True)
     done = finished(study)
     print(f"[sweep {args.study}] {args.storage}: {done}/{args.trials} trials finished; runs under "
           f"{Path(args.runs_dir) / args.study}", flush=True)

@@ -1,6 +1,7 @@
 """python -m difformer_lightning.sweep: the search space, a tiny sweep end to end (runs, prunes, writes a preset
 that train.py loads), a sweep killed mid-trial and resumed with the same command, two processes on one study."""
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -63,6 +64,7 @@ def test_space_reads_each_kind_of_distribution(tmp_path):
     ("model.lr: {type: float, low: 1, high: 0.1}", "model.lr"),  # Optuna's message: low > high
     ("model.lr: {type: float, low: 0, high: 1, log: true}", "model.lr"),  # log needs low > 0
     ("- model.lr", "must map train.py options"),
+    ("model.encoder.init_args.num_layers: {type: int, low: 1.5, high: 3}", "low of an int distribution must be an integer"),
     ("model.lr: [1, 2\n", "not valid YAML"),
 ])
 def test_bad_space_names_the_entry_and_the_fix(tmp_path, text, says):
@@ -115,6 +117,17 @@ def test_bad_train_option_is_refused_before_any_trial(tmp_path):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
+def test_bad_choice_is_refused_before_any_trial(tmp_path):
+    # the second choice, not the first, is wrong: every choice is probed
+    space = write_space(tmp_path, "model.encoder.init_args.hidden_channels: [32, big]\n")
+    done = subprocess.run([sys.executable, "-m", "difformer_lightning.sweep", "--config", "configs/synthetic.yaml",
+                           "--space", str(space), "--trials", "1", "--runs-dir", str(tmp_path / "runs"), *TINY],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "train.py refuses these options" in done.stderr and "big" in done.stderr, \
+        done.stderr
+    assert not list((tmp_path / "runs").glob("*/trial-*"))
+
+
 # --- whole sweeps (slow) ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -126,7 +139,10 @@ def test_tiny_sweep_runs_prunes_and_writes_a_preset_train_py_loads(tmp_path):
     assert len(states) == 3 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, states
     assert TrialState.PRUNED in states, "no trial was pruned: the pruner saw no report"
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE  # accuracy
-    assert done.stdout.count("[sweep tiny] trial ") == 3 and "3/3 finished" in done.stdout
+    assert len(re.findall(r"\[sweep tiny\] trial \d+ (complete|pruned)", done.stdout)) == 3, done.stdout
+    assert "3/3 finished" in done.stdout
+    assert "[sweep tiny] trial 0 is the preset's own values; outside the space, sampled instead: " \
+        "model.encoder.init_args.dropout" in done.stdout
     for trial in study.trials:  # each trial a normal run folder; reports are val/best per epoch
         run = tmp_path / "runs" / "tiny" / f"trial-{trial.number:04d}" / "run"
         assert (run / "command.txt").is_file() and (run / "logs").is_dir() and (run / "checkpoints").is_dir()
