@@ -94,7 +94,7 @@ class ClassSampler:
         self.y = y
         self.counts = torch.bincount(y, minlength=num_classes)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        self.by_class = _class_order(y, self.counts, self.offsets)
+        self.by_class = _class_order(y, self.offsets)
         self.cumulative = None
         if weight is not None:  # float64: a float32 running sum over 10^8 weights would lose the small ones
             if callable(weight):
@@ -132,10 +132,11 @@ class ClassSampler:
         return source, target
 
 
-def _class_order(y: Tensor, counts: Tensor, offsets: Tensor, chunk: int = 1 << 22) -> Tensor:
+def _class_order(y: Tensor, offsets: Tensor, chunk: int = 1 << 22) -> Tensor:
     """``argsort(y, stable=True)`` in int32 (int64 from 2^31 nodes), by a counting sort over chunks of ``chunk``
     nodes: a whole-array stable argsort holds an int64 order and its sort buffers, about 2.7 GB at
-    papers100M's 111M nodes; this holds the result and one chunk's temporaries."""
+    papers100M's 111M nodes; this holds the result and one chunk's temporaries. ``offsets``: where each class's
+    nodes start in the order (the exclusive running sum of the class counts)."""
     num_nodes = y.numel()
     order = torch.empty(num_nodes, dtype=torch.int32 if num_nodes < 2**31 else torch.int64)
     cursor = offsets.clone()
@@ -143,7 +144,7 @@ def _class_order(y: Tensor, counts: Tensor, offsets: Tensor, chunk: int = 1 << 2
         part = y[start:start + chunk].long()
         local = torch.argsort(part, stable=True)
         classes = part[local]
-        part_counts = torch.bincount(classes, minlength=counts.numel())
+        part_counts = torch.bincount(classes, minlength=offsets.numel())
         first = torch.cumsum(part_counts, 0) - part_counts  # where each class starts in the sorted chunk
         rank = torch.arange(classes.numel()) - first[classes]
         order[cursor[classes] + rank] = (local + start).to(order.dtype)

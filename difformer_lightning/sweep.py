@@ -28,7 +28,7 @@ The study lives in a database (``--storage``, any SQLAlchemy URL; a SQLite file 
 several processes or machines can work on one study, and a sweep that was stopped resumes where it was with the
 same command: finished trials are kept, a trial stopped by Ctrl-C is queued again with its parameters, a trial
 whose process died (no heartbeat for ``2 x --heartbeat`` seconds)
-is marked failed and run again with its parameters (Optuna's ``RetryFailedTrialCallback``), and the sweep stops
+is marked failed and run again with its parameters (Optuna's heartbeat retry callback), and the sweep stops
 when ``--trials`` trials of the study have finished (completed or pruned), counting every process's. At the end
 (and after every trial that improves the best), the best trial's settings are written to ``--best-out`` as a preset:
 ``train.py fit --print_config`` of the preset with those values, with a header saying where they come from.
@@ -170,8 +170,7 @@ def parse_average_over(values: Sequence[str]) -> List[Dict[str, str]]:
 
 def resolved_config(preset: str, arguments: Sequence[str]) -> Tuple[dict, str]:
     """``train.py fit --print_config`` of ``preset`` with ``arguments``: the configuration a run would use (parsed,
-    and as text). A bad
-    option or value stops here, with train.py's message, before any trial."""
+    and as text). A bad option or value stops here, with train.py's message, before any trial."""
     if not TRAIN_PY.is_file():
         raise SweepError(f"{TRAIN_PY} not found: run the sweep from a checkout of difformer-lightning")
     done = subprocess.run([sys.executable, str(TRAIN_PY), "fit", "--config", preset, *arguments, "--print_config"],
@@ -281,9 +280,8 @@ class Sweep:
     """One process's share of a study: runs trials until the study has ``trials`` finished ones."""
 
     def __init__(self, args: argparse.Namespace, passthrough: List[str], space: Dict[str, BaseDistribution],
-                 config: dict) -> None:
-        self.args, self.passthrough, self.space = args, passthrough, space
-        self.repeats = parse_average_over(args.average_over)
+                 repeats: List[Dict[str, str]], config: dict) -> None:
+        self.args, self.passthrough, self.space, self.repeats = args, passthrough, space, repeats
         self.max_epochs = int(config["trainer"].get("max_epochs") or 1000)
         self.failures_in_a_row = 0
         self.current: Optional[Tuple[int, Dict[str, Any]]] = None  # the trial running now: (number, params)
@@ -312,7 +310,7 @@ class Sweep:
             offset: int) -> Tuple[float, float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(TRAIN_PY), "fit", "--config", self.args.config, *self.passthrough,
-                   *as_arguments(params), *[arg for option, value in repeat.items() for arg in (f"--{option}", value)],
+                   *as_arguments(params), *as_arguments(repeat),
                    "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
         (run_dir / "command.txt").write_text(shlex.join(command) + "\n")
         reported: Dict[int, float] = {}
@@ -458,8 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
             probe = {name: (d.choices[k % len(d.choices)] if isinstance(d, CategoricalDistribution)
                             else d.low if k % 2 == 0 else d.high) for name, d in space.items()}
             config, _ = resolved_config(args.config, [*passthrough, *as_arguments(probe),
-                                                      *[a for option, value in repeats[k % len(repeats)].items()
-                                                        for a in (f"--{option}", value)]])
+                                                      *as_arguments(repeats[k % len(repeats)])])
         # TPE samples at random for its first trials (Optuna's default: 10); a small budget keeps a quarter
         study = open_study(args.study, args.storage, higher_is_better(config), args.heartbeat,
                            args.prune_after_trials, args.prune_warmup_epochs, args.sampler_seed,
@@ -467,7 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> optuna.Study:
     except SweepError as error:
         print(f"sweep: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    sweep = Sweep(args, passthrough, space, config)
+    sweep = Sweep(args, passthrough, space, repeats, config)
     state = {"best": None}
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
